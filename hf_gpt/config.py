@@ -1,0 +1,157 @@
+"""Run configuration: dataclasses filled from a YAML recipe, then from command-line overrides.
+
+`load_config(PretrainConfig)` reads `--config FILE` (unknown keys are errors), then lets every field
+be overridden on the command line (`--max_steps 200`). Parsing is `transformers.HfArgumentParser`,
+so `--help` lists every field with its help text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2, no traceback."""
+
+
+@dataclass
+class TrainConfig:
+    """Fields of the shared training loop (hf_gpt.engine); every recipe has them."""
+
+    output_dir: str = field(default="runs/default", metadata={"help": "Run folder: checkpoints, metrics, final model."})
+    resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its latest checkpoint."})
+    seed: int = 1337
+
+    # Length of the run: max_steps wins; otherwise max_tokens / tokens per step.
+    max_steps: int = 0
+    max_tokens: int = 0
+
+    # Batch: tokens per optimizer step = micro_batch_size x block_size x accumulation x processes.
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = field(
+        default=0, metadata={"help": "0: derived from tokens_per_step (or 1 when that is 0 too)."}
+    )
+    tokens_per_step: int = field(default=0, metadata={"help": "Target tokens per optimizer step, all processes."})
+
+    # Optimizer and schedule.
+    learning_rate: float = 6e-4
+    lr_scheduler: str = field(default="cosine", metadata={"help": "cosine | wsd | constant | linear"})
+    warmup_steps: int = 0
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine/wsd end at learning_rate x this."})
+    decay_ratio: float = field(default=0.2, metadata={"help": "wsd: fraction of steps spent decaying."})
+    weight_decay: float = 0.1
+    weight_decay_everywhere: bool = field(
+        default=False, metadata={"help": "Decay biases, LayerNorm and embeddings too (the seed article's setup)."}
+    )
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = field(default=1.0, metadata={"help": "0 disables clipping."})
+
+    # Speed.
+    mixed_precision: str = field(default="", metadata={"help": "no | bf16 | fp16; empty: accelerate's config."})
+    tf32: bool = True
+    compile: bool = False
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flex_attention"})
+
+    # Evaluation, logging, checkpoints.
+    eval_every: int = 0
+    eval_batches: int = 8
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    report_to: str = field(default="", metadata={"help": "An Accelerate tracker, e.g. tensorboard or wandb."})
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = 48
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def read_yaml(path: str | Path, cls) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config {path}: not valid YAML ({e})".replace("\n", " ")) from None
+    if not isinstance(values, dict):
+        raise UserError(f"config {path}: expected a mapping of field: value")
+    unknown = sorted(set(values) - set(field_names(cls)))
+    if unknown:
+        raise UserError(f"config {path}: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
+    return values
+
+
+def load_config(cls, argv: list[str] | None = None, description: str | None = None):
+    """YAML recipe (``--config``) first, command-line overrides on top; returns a ``cls`` instance."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser(cls, description=description)
+    parser.add_argument("--config", help="YAML recipe; any field can also be given on the command line.")
+    known, _ = parser.parse_known_args(argv)  # only to find --config before full parsing
+    if known.config:
+        parser.set_defaults(**read_yaml(known.config, cls))
+    args = parser.parse_args(argv)
+    values = {k: v for k, v in vars(args).items() if k != "config"}
+    return cls(**values)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def run_cli(main) -> None:
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Pretraining a fresh GPT-2. The defaults are the offline run: Python's own standard library as the
+    corpus, a BPE trained on it, a small model that learns to write Python on a CPU in about five minutes."""
+
+    output_dir: str = "runs/stdlib-tiny"
+    # Data.
+    dataset: str = field(default="stdlib", metadata={"help": "Hub id, local file/folder (txt, md, jsonl, parquet) or 'stdlib'."})
+    dataset_config: str = ""
+    dataset_split: str = "train"
+    text_column: str = "text"
+    eval_split: str = field(default="", metadata={"help": "Validation split; empty: documents held out by hash."})
+    holdout_fraction: float = field(default=0.01, metadata={"help": "Share of documents held out for validation."})
+    data_encoding_errors: str = field(default="strict", metadata={"help": "Local text files: strict | replace | ignore."})
+    block_size: int = 256
+    document_masking: bool = field(default=True, metadata={"help": "Attention stays inside each packed document."})
+    crop: str = field(default="", metadata={"help": "'' pack whole documents | random | start: one block_size window per long document."})
+    # Tokenizer.
+    tokenizer: str = field(default="train", metadata={"help": "'train' (byte-level BPE on the corpus), a Hub id or a folder."})
+    tokenizer_vocab_size: int = 4096
+    tokenizer_train_documents: int = 600
+    # Model.
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 192
+    dropout: float = 0.0
+    tie_word_embeddings: bool = True
+    vocab_size: int = field(default=0, metadata={"help": "0: the tokenizer's size rounded up to a multiple of 64."})
+    # Schedule for the quick run.
+    micro_batch_size: int = 16
+    max_steps: int = 360
+    learning_rate: float = 2e-3
+    warmup_steps: int = 30
+    eval_every: int = 120
+    eval_batches: int = 4
+    save_every: int = 120
+    sample_prompts: list[str] = field(default_factory=lambda: ["import os\n", "def ", "class "])
+    push_to_hub: str = field(default="", metadata={"help": "Hub repo id to publish final/ to at the end."})

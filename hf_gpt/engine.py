@@ -1,0 +1,380 @@
+"""The one training loop, shared by pretraining, SFT and LoRA.
+
+A recipe hands `train()` a model (plain or PEFT), its tokenizer and a data object with two methods:
+
+    train_batches(process_index, num_processes) -> iterator of batch dicts with state_dict()/load_state_dict()
+    eval_batches(process_index, num_processes)  -> list of batch dicts (this process's share of a fixed set)
+
+A batch holds `input_ids` and `labels` (-100 where no loss), and optionally `position_ids` (packed
+documents: positions restart at 0 per document, and attention is kept inside each document) or a
+2-D `attention_mask` (padding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .config import UserError, save_config
+from .evaluation import token_byte_lengths
+from .metrics_log import MetricsLog
+from .model import document_causal_mask
+from .optim import build_optimizer, build_scheduler
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    tokens: int
+    eval: dict
+    stopped_early: bool
+
+
+def start_run(cfg) -> Accelerator:
+    """Accelerator, seeds and output-folder checks, before the recipe builds its tokenizer and model."""
+    out = Path(cfg.output_dir)
+    has_checkpoints = any((out / CHECKPOINTS).glob("step_*[0-9]"))
+    if has_checkpoints and not cfg.resume:
+        raise UserError(f"{out} already holds a run with checkpoints; pass --resume to continue it "
+                        "or choose another --output_dir")
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision or None,
+        log_with=cfg.report_to or None,
+        project_dir=str(out),
+        # Our schedule counts optimizer steps; by default Accelerate steps it once per process.
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(cfg.seed)
+    if cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    return accelerator
+
+
+def accumulation_steps(cfg, tokens_per_micro_batch: int, num_processes: int) -> int:
+    if cfg.gradient_accumulation_steps:
+        return cfg.gradient_accumulation_steps
+    if not cfg.tokens_per_step:
+        return 1
+    per_pass = tokens_per_micro_batch * num_processes
+    if cfg.tokens_per_step % per_pass:
+        raise UserError(f"tokens_per_step {cfg.tokens_per_step} is not a multiple of micro_batch_size x block_size "
+                        f"x processes = {per_pass}")
+    return cfg.tokens_per_step // per_pass
+
+
+def model_inputs(batch: dict, device, attn_implementation: str) -> dict:
+    # Pinned host memory lets the copy overlap with queued GPU work instead of waiting for it.
+    pin = device.type == "cuda"
+    inputs = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
+    if "position_ids" in inputs:
+        inputs["attention_mask"] = document_causal_mask(inputs["position_ids"], attn_implementation, torch.float32)
+    return inputs
+
+
+def target_count(batch: dict) -> torch.Tensor:
+    """Tokens that carry loss: labels are shifted inside the model, so the first column never does."""
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, accelerator, attn_implementation: str) -> dict:
+    """Validation loss (nats per target token), perplexity and bits per byte over a fixed set."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # nll, targets, bytes
+    byte_lengths = byte_lengths.to(accelerator.device)
+    for batch in batches:
+        inputs = model_inputs(batch, accelerator.device, attn_implementation)
+        labels = inputs.pop("labels")[:, 1:]
+        logits = model(**inputs).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        keep = labels != -100
+        totals += torch.stack([nll.double(), keep.sum().double(), byte_lengths[labels[keep]].sum().double()])
+    totals = accelerator.reduce(totals, "sum")
+    model.train(was_training)
+    nll, count, nbytes = totals.tolist()
+    if not count:
+        return {}
+    loss = nll / count
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
+            "val_bpb": nll / math.log(2) / nbytes if nbytes else float("nan")}
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations: no sampling, so the training RNG stream is left untouched."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    model.train(was_training)
+    return outputs
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits cleanly."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    root = output_dir / CHECKPOINTS
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, tokens: int, batches, keep: int) -> Path:
+    """Write to step_N.tmp, then rename: a crash mid-save leaves the previous checkpoint intact."""
+    final = output_dir / CHECKPOINTS / f"step_{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    # Each process reads its own part of the stream, so each saves its own position.
+    torch.save({"step": step, "tokens": tokens, "data": batches.state_dict()},
+               tmp / f"progress_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path, batches) -> tuple[int, int]:
+    accelerator.load_state(str(checkpoint))
+    progress_file = checkpoint / f"progress_{accelerator.process_index}.pt"
+    if not progress_file.exists():
+        raise UserError(f"{checkpoint} was saved by fewer processes than this run has "
+                        f"({progress_file.name} is missing); resume with the same number of processes")
+    progress = torch.load(progress_file, weights_only=False)
+    batches.load_state_dict(progress["data"])
+    return progress["step"], progress["tokens"]
+
+
+def run_summary(cfg, accelerator, result: dict, info: dict) -> dict:
+    import accelerate
+    import datasets
+    import transformers
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+    with contextlib.suppress(ImportError):
+        import peft
+        versions["peft"] = peft.__version__
+    if torch.cuda.is_available():
+        hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name()}"
+    else:
+        hardware = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {**info, **result, "hardware": hardware, "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision, "versions": versions}
+
+
+def save_final(accelerator, model, tokenizer, final_dir: Path) -> None:
+    """Hub-format folder, written next to the old one and swapped in, so a failed save loses nothing."""
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(tmp, final_dir)
+    accelerator.wait_for_everyone()
+
+
+def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: str = "final",
+          info: dict | None = None) -> RunResult:
+    """Train `model` on `data` as `cfg` says; checkpoints, metrics and `<output_dir>/<final_name>/`."""
+    out = Path(cfg.output_dir)
+    main = accelerator.is_main_process
+    batches = data.train_batches(accelerator.process_index, accelerator.num_processes)
+
+    model.to(accelerator.device)
+    optimizer = build_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    forward = torch.compile(model) if cfg.compile else model
+
+    step = tokens = 0
+    checkpoints = checkpoint_dirs(out)
+    resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
+
+    # The batch shape (for the accumulation count) comes from the data itself.
+    peek_state = batches.state_dict()
+    example = next(batches)
+    batches.load_state_dict(peek_state)
+    accum = accumulation_steps(cfg, example["input_ids"].numel(), accelerator.num_processes)
+    tokens_per_step = example["input_ids"].numel() * accum * accelerator.num_processes
+    total_steps = cfg.max_steps or (cfg.max_tokens // tokens_per_step if cfg.max_tokens else 0)
+    if total_steps <= 0:
+        raise UserError("set max_steps or max_tokens to a positive number")
+    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg, total_steps))
+
+    if resume_from:
+        step, tokens = load_checkpoint(accelerator, resume_from, batches)
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+    elif cfg.resume:
+        accelerator.print(f"no checkpoint in {out / CHECKPOINTS}: starting from scratch")
+
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
+    metrics.truncate_after(step)  # rows a killed run wrote past its last checkpoint
+    if main:
+        save_config(cfg, out / "config.yaml")
+    if cfg.report_to:
+        accelerator.init_trackers(out.name, config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)})
+
+    byte_lengths = token_byte_lengths(tokenizer, accelerator.unwrap_model(model).config.vocab_size)
+    eval_set = None
+    last_eval: dict = {}
+
+    def run_eval():
+        nonlocal eval_set, last_eval
+        if eval_set is None:
+            eval_set = data.eval_batches(accelerator.process_index, accelerator.num_processes)
+        last_eval = evaluate(forward, eval_set, byte_lengths, accelerator, cfg.attn_implementation)
+        row = {"step": step, "tokens": tokens_now(), **last_eval}
+        if cfg.sample_prompts and main:
+            row["samples"] = sample(accelerator.unwrap_model(model), tokenizer, cfg.sample_prompts, cfg.sample_tokens)
+        metrics.write(row)
+        accelerator.log(last_eval, step=step)
+        if main and last_eval:
+            tqdm.write(f"step {step}: val_loss {last_eval['val_loss']:.4f}  ppl {last_eval['val_ppl']:.2f}  "
+                       f"bpb {last_eval['val_bpb']:.4f}")
+            for prompt, text in zip(cfg.sample_prompts, row.get("samples", [])):
+                tqdm.write(f"  {prompt!r} -> {text!r}")
+
+    accelerator.print(f"training {total_steps} steps x {tokens_per_step:,} tokens "
+                      f"(micro-batch {example['input_ids'].shape[0]} x {example['input_ids'].shape[1]}, "
+                      f"accumulation {accum}, processes {accelerator.num_processes})")
+    bar = tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True, desc=out.name)
+    model.train()
+    window_loss = torch.zeros((), device=accelerator.device)
+    # Tokens are counted on the device (SFT batches vary in size) and read back on log steps.
+    tokens_at_start, new_tokens = tokens, torch.zeros((), dtype=torch.long, device=accelerator.device)
+    window_start = started = time.perf_counter()
+
+    def tokens_now() -> int:
+        return tokens_at_start + int(new_tokens.item())
+
+    stopped = False
+    with StopSignal() as stop:
+        while step < total_steps:
+            micro_batches = [model_inputs(next(batches), accelerator.device, cfg.attn_implementation)
+                             for _ in range(accum)]
+            # Normalise by the target tokens of the whole step on all processes, so k accumulated
+            # micro-batches give the same update as one batch k times larger, whatever the padding.
+            counts = torch.stack([sum(target_count(b) for b in micro_batches),
+                                  sum(torch.tensor(b["input_ids"].numel(), device=accelerator.device)
+                                      for b in micro_batches)])
+            targets, step_tokens = accelerator.reduce(counts, "sum").unbind()
+            new_tokens += step_tokens
+            for i, inputs in enumerate(micro_batches):
+                # Gradients are all-reduced only on the last micro-batch.
+                sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    loss = forward(**inputs, num_items_in_batch=targets).loss
+                    # DDP averages gradients over processes; the loss is already a global mean.
+                    accelerator.backward(loss * accelerator.num_processes)
+                window_loss += loss.detach()
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                # The only host syncs in the loop, every log_every steps.
+                loss_value = accelerator.reduce(window_loss, "sum").item() / ((step - 1) % cfg.log_every + 1)
+                window_tokens = tokens_now() - tokens
+                tokens = tokens_now()
+                elapsed = time.perf_counter() - window_start
+                row = {"step": step, "tokens": tokens, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_s": window_tokens / elapsed}
+                metrics.write(row)
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
+                window_loss.zero_()
+                window_start = time.perf_counter()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                run_eval()
+            stop_now = _agreed(stop.received, accelerator, step % cfg.log_every == 0)
+            if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stop_now:
+                path = save_checkpoint(accelerator, out, step, tokens_now(), batches, cfg.keep_checkpoints)
+                if stop_now:
+                    bar.close()
+                    accelerator.print(f"stopped by signal at step {step}; checkpoint {path}; "
+                                      f"continue with --resume")
+                    stopped = True
+                    break
+    bar.close()
+    if not stopped:
+        run_eval()
+        save_checkpoint(accelerator, out, step, tokens_now(), batches, cfg.keep_checkpoints)
+        save_final(accelerator, model, tokenizer, out / final_name)
+    wall = time.perf_counter() - started
+    tokens = tokens_now()
+    if main:
+        summary = run_summary(cfg, accelerator, {"steps": step, "tokens": tokens, "wall_time_s": wall,
+                                                 "tokens_per_step": tokens_per_step, "eval": last_eval},
+                              info or {})
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        metrics.plot(out / "loss.png")
+    accelerator.end_training()
+    return RunResult(out, out / final_name, step, tokens, last_eval, stopped)
+
+
+def _agreed(flag: bool, accelerator, may_sync: bool) -> bool:
+    """A stop signal counts once any process got it, so that all of them save and leave together.
+
+    With several processes that takes a collective and a host sync, so it is only asked on log steps.
+    """
+    if accelerator.num_processes == 1:
+        return flag
+    if not may_sync:
+        return False
+    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum").item())

@@ -1,0 +1,48 @@
+"""metrics.jsonl (one JSON object per line) and the loss-curve PNG drawn from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past `step`: a resumed run writes them again, so the log matches an uninterrupted run."""
+        if self.enabled and self.path.exists():
+            kept = [r for r in self.rows() if r.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def plot(self, png: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on training machines
+        import matplotlib.pyplot as plt
+
+        rows = self.rows()
+        train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
+            if points:
+                ax.plot(*zip(*points), style, label=label)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)

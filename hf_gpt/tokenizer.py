@@ -1,0 +1,50 @@
+"""Tokenizers: GPT-2's BPE from the Hub or a local folder, or a byte-level BPE trained with `tokenizers`."""
+
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
+
+from .config import UserError
+
+EOS = "<|endoftext|>"
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # offline, missing folder, 404: all one line
+        raise UserError(f"tokenizer '{name_or_path}' could not be loaded: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer '{name_or_path}' has no end-of-text token")
+    return tokenizer
+
+
+def train_bpe(texts, vocab_size: int, max_documents: int) -> GPT2TokenizerFast:
+    """A GPT-2-style byte-level BPE learnt from `texts`, with <|endoftext|> as id 0."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(islice(texts, max_documents), trainer=trainer)
+    return GPT2TokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+
+
+def prepare_tokenizer(cfg, accelerator, documents) -> PreTrainedTokenizerBase:
+    """The run's tokenizer, saved in `<output_dir>/tokenizer` (a resumed run reuses it, never retrains)."""
+    saved = Path(cfg.output_dir) / "tokenizer"
+    if cfg.tokenizer != "train":
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    else:
+        if accelerator.is_main_process and not (saved / "tokenizer.json").exists():
+            train_bpe(documents(), cfg.tokenizer_vocab_size, cfg.tokenizer_train_documents).save_pretrained(saved)
+        accelerator.wait_for_everyone()
+        tokenizer = load_tokenizer(str(saved))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(saved)
+    return tokenizer

@@ -1,0 +1,60 @@
+"""Shared fixtures: a small corpus of real text (CPython's own source files, present on every machine),
+a byte-level BPE trained on it, and the arguments of a tiny pretraining run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Tests never touch the network: the Hub is out of reach on CI.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from hf_gpt.data import stdlib_files  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """80 documents of real text as .txt files, one file per document."""
+    folder = tmp_path_factory.mktemp("corpus")
+    files = [f for f in stdlib_files(seed=0) if 2_000 < Path(f).stat().st_size < 12_000][:80]
+    for i, f in enumerate(files):
+        (folder / f"doc{i:03d}.txt").write_text(Path(f).read_text(encoding="utf-8", errors="replace"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus, tmp_path_factory) -> Path:
+    from hf_gpt.tokenizer import train_bpe
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    texts = (p.read_text() for p in sorted(corpus.glob("*.txt")))
+    train_bpe(texts, vocab_size=512, max_documents=80).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_args(corpus, tokenizer_dir) -> list[str]:
+    """A GPT-2 of 2 layers x 32 wide on the test corpus: about 30 ms a step on a CPU."""
+    return ["--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--n_layer", "2", "--n_head", "2",
+            "--n_embd", "32", "--block_size", "64", "--micro_batch_size", "4", "--holdout_fraction", "0.1",
+            "--warmup_steps", "2", "--learning_rate", "3e-3", "--eval_every", "0", "--save_every", "0",
+            "--eval_batches", "2", "--log_every", "1", "--mixed_precision", "no", "--sample_prompts", "def "]
+
+
+def run_script(*args: str, check: bool = True, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run a script of the project as a user would, in a fresh interpreter."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env=env, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result

@@ -1,0 +1,179 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from conftest import ROOT, run_script
+from hf_gpt.config import PretrainConfig, load_config
+from hf_gpt.data import PretrainData
+from hf_gpt.engine import start_run, train
+from hf_gpt.model import build_model
+from hf_gpt.tokenizer import load_tokenizer
+
+STEPS = 40
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, corpus, tokenizer_dir):
+    from conftest import tiny_args as _  # noqa: F401  (documented fixture; args built below for module scope)
+
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    args = module_args(corpus, tokenizer_dir)
+    run_script("scripts/pretrain.py", *args, "--max_steps", str(STEPS), "--output_dir", str(out))
+    return out, args
+
+
+def module_args(corpus, tokenizer_dir):
+    return ["--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--n_layer", "2", "--n_head", "2",
+            "--n_embd", "32", "--block_size", "64", "--micro_batch_size", "4", "--holdout_fraction", "0.1",
+            "--warmup_steps", "2", "--learning_rate", "3e-3", "--eval_every", "0", "--save_every", "0",
+            "--eval_batches", "2", "--log_every", "1", "--mixed_precision", "no", "--sample_prompts", "def ",
+            "--dropout", "0.1", "--crop", "random"]  # dropout and crop: resume must restore their RNGs
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(straight_run, tmp_path):
+    straight, args = straight_run
+    out = tmp_path / "resumed"
+    cmd = [sys.executable, "scripts/pretrain.py", *args, "--max_steps", str(STEPS), "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(losses(out)) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    log = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, log
+    assert "stopped by signal" in log
+    stopped_at = max(losses(out))
+    assert stopped_at < STEPS
+    assert not (out / "final").exists()
+
+    resumed = run_script("scripts/pretrain.py", *args, "--max_steps", str(STEPS), "--output_dir", str(out), "--resume")
+    assert f"resumed from" in resumed.stdout + resumed.stderr
+    a, b = losses(straight), losses(out)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    # Same documents: the stream positions at the end are identical, and so are the weights.
+    state = lambda run: torch.load(next((run / "checkpoints").glob("step_*")) / "progress_0.pt", weights_only=False)
+    assert state(straight)["data"] == state(out)["data"]
+    wa = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
+
+
+def test_final_folder_loads_with_plain_transformers(straight_run):
+    run = straight_run[0] / "final"
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {p.name for p in run.iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(run)
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    text = pipeline("text-generation", model=str(run))("def ", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("def ") and len(tokenizer(text).input_ids) > len(tokenizer("def ").input_ids)
+    summary = json.loads((straight_run[0] / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["eval"]["val_loss"] > 0
+    assert (straight_run[0] / "loss.png").stat().st_size > 0
+
+
+def in_process_run(args: list[str], data_wrapper=None):
+    cfg = load_config(PretrainConfig, args)
+    accelerator = start_run(cfg)
+    data = PretrainData(cfg, load_tokenizer(cfg.tokenizer))
+    model = build_model(cfg, len(data.tokenizer), data.tokenizer.eos_token_id)
+    train(cfg, model, data.tokenizer, data_wrapper(data) if data_wrapper else data, accelerator)
+    return AutoModelForCausalLM.from_pretrained(Path(cfg.output_dir) / "final").state_dict()
+
+
+class RaggedLabels:
+    """Masks a different number of labels in every row, as SFT padding does: micro-batches then carry
+    different numbers of target tokens, which is where per-micro-batch averaging would go wrong."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def train_batches(self, rank, world):
+        inner = self.data.train_batches(rank, world)
+
+        class Batches:
+            def __next__(self):
+                batch = next(inner)
+                for row in range(batch["labels"].shape[0]):
+                    batch["labels"][row, : 5 + 13 * (int(batch["input_ids"][row, 0]) % 4)] = -100
+                return batch
+
+            state_dict, load_state_dict = inner.state_dict, inner.load_state_dict
+
+        return Batches()
+
+    def eval_batches(self, rank, world):
+        return self.data.eval_batches(rank, world)
+
+
+@pytest.mark.parametrize("wrapper", [None, RaggedLabels])
+def test_accumulation_equals_one_large_batch(tiny_args, tmp_path, wrapper):
+    common = [*tiny_args, "--max_steps", "2", "--learning_rate", "1e-2", "--warmup_steps", "0", "--max_grad_norm", "0"]
+    big = in_process_run([*common, "--micro_batch_size", "8", "--output_dir", str(tmp_path / "big")], wrapper)
+    small = in_process_run([*common, "--micro_batch_size", "2", "--gradient_accumulation_steps", "4",
+                            "--output_dir", str(tmp_path / "small")], wrapper)
+    initial = build_model(load_config(PretrainConfig, tiny_args), 512, 0).state_dict()
+    assert any(not torch.allclose(big[n], initial[n]) for n in big)  # training moved the weights
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], atol=2e-6, rtol=1e-5)
+
+
+def test_an_existing_run_is_never_overwritten(straight_run):
+    run, args = straight_run
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    result = run_script("scripts/pretrain.py", *args, "--max_steps", "2", "--output_dir", str(run), check=False)
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config", "CONFIG"], "unknown key(s) not_a_field"),
+    (["--dataset", "./no/such/folder"], "dataset path not found: ./no/such/folder"),
+    (["--dataset", "someone/not-reachable"], "dataset 'someone/not-reachable' could not be loaded from the Hub"),
+    (["--tokenizer", "someone/no-tokenizer"], "tokenizer 'someone/no-tokenizer' could not be loaded"),
+])
+def test_bad_input_gets_one_clear_line(tiny_args, tmp_path, extra, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("max_steps: 3\nnot_a_field: 1\n")
+    extra = [str(recipe) if x == "CONFIG" else x for x in extra]
+    result = run_script("scripts/pretrain.py", *tiny_args, "--output_dir", str(tmp_path / "run"), *extra,
+                        check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_two_processes_read_disjoint_data(corpus, tokenizer_dir, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = tmp_path / "docs"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "tests/two_process_docs.py", str(corpus),
+         str(tokenizer_dir), str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] and seen[1]
+    assert not set(seen[0]) & set(seen[1])
+    texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    from hf_gpt.data import in_holdout
+
+    assert sorted(seen[0] + seen[1]) == sorted(t for t in texts if not in_holdout(t, 0.1))

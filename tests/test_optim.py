@@ -1,0 +1,35 @@
+from types import SimpleNamespace
+
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hf_gpt.optim import build_optimizer, decay_parameter_names
+
+
+def cfg(**kw):
+    base = dict(learning_rate=1e-3, weight_decay=0.1, weight_decay_everywhere=False, adam_beta1=0.9,
+                adam_beta2=0.95, adam_epsilon=1e-8)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_decay_lands_exactly_on_weight_matrices():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+    expected = {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert decay_parameter_names(model) == expected  # no biases, LayerNorms, wte/wpe, tied lm_head
+    decay, no_decay = build_optimizer(model, cfg()).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == expected
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_untied_head_is_a_matrix_and_decays():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                       tie_word_embeddings=False))
+    assert "lm_head.weight" in decay_parameter_names(model)
+
+
+def test_seed_article_setting_decays_everything():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    decay, no_decay = build_optimizer(model, cfg(weight_decay_everywhere=True)).param_groups
+    assert not no_decay["params"] and len(decay["params"]) == len(list(model.parameters()))
