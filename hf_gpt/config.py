@@ -133,7 +133,7 @@ class PretrainConfig(TrainConfig):
     data_encoding_errors: str = field(default="strict", metadata={"help": "Local text files: strict | replace | ignore."})
     block_size: int = 256
     document_masking: bool = field(default=True, metadata={"help": "Attention stays inside each packed document."})
-    crop: str = field(default="", metadata={"help": "'' pack whole documents | random | start: one block_size window per long document."})
+    crop: str = field(default="random", metadata={"help": "'' pack whole documents | random | start: one block_size window per long document."})
     # Tokenizer.
     tokenizer: str = field(default="train", metadata={"help": "'train' (byte-level BPE on the corpus), a Hub id or a folder."})
     tokenizer_vocab_size: int = 4096

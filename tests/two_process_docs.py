@@ -1,4 +1,4 @@
-"""Launched by test_engine with `accelerate launch --num_processes 2`: every process writes the
+"""Launched by test_engine as two processes (torchrun + ACCELERATE_USE_CPU): every process writes the
 documents its training stream yields in one pass, as the training loop would read them."""
 
 import json
@@ -7,14 +7,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from accelerate import PartialState  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
 
 from hf_gpt.config import PretrainConfig  # noqa: E402
 from hf_gpt.data import PretrainData  # noqa: E402
 from hf_gpt.tokenizer import load_tokenizer  # noqa: E402
 
 corpus, tokenizer_dir, out = sys.argv[1:]
-state = PartialState()
+state = Accelerator()  # as in the engine: process index and count from the launcher
 cfg = PretrainConfig(dataset=corpus, tokenizer=tokenizer_dir, holdout_fraction=0.1)
 tokenizer = load_tokenizer(tokenizer_dir)
 data = PretrainData(cfg, tokenizer)
