@@ -10,6 +10,7 @@ from hf_gpt.tokenizer import load_tokenizer
 
 
 def make_data(corpus, tokenizer_dir, **overrides) -> PretrainData:
+    overrides.setdefault("crop", "")
     cfg = PretrainConfig(dataset=str(corpus), tokenizer=str(tokenizer_dir), block_size=64, micro_batch_size=4,
                          holdout_fraction=0.1, **overrides)
     return PretrainData(cfg, load_tokenizer(str(tokenizer_dir)))
