@@ -59,6 +59,8 @@ class TrainConfig:
     tf32: bool = True
     compile: bool = False
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flex_attention"})
+    fused_cross_entropy: bool = field(
+        default=False, metadata={"help": "GPU: Liger's fused linear + cross-entropy, logits never materialised."})
 
     # Evaluation, logging, checkpoints.
     eval_every: int = 0

@@ -14,6 +14,7 @@ document boundary.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import sysconfig
 from pathlib import Path
@@ -242,9 +243,10 @@ class PretrainData:
 
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.source = DocumentSource(cfg.dataset, config=cfg.dataset_config, split=cfg.dataset_split,
-                                     text_column=cfg.text_column, encoding_errors=cfg.data_encoding_errors,
-                                     seed=cfg.seed)
+        self.shards = TokenShards(cfg.dataset) if TokenShards.is_shard_folder(cfg.dataset) else None
+        self.source = None if self.shards else DocumentSource(
+            cfg.dataset, config=cfg.dataset_config, split=cfg.dataset_split, text_column=cfg.text_column,
+            encoding_errors=cfg.data_encoding_errors, seed=cfg.seed)
 
     def _documents(self, validation: bool, process_index: int = 0, num_processes: int = 1):
         split = self.cfg.eval_split if validation and self.cfg.eval_split else None
@@ -258,16 +260,27 @@ class PretrainData:
                              crop=cfg.crop, document_masking=cfg.document_masking, seed=seed,
                              error_context=self.source)
 
-    def train_batches(self, process_index: int, num_processes: int) -> PackedBatches:
+    def _shard_batches(self, split: str, process_index: int, num_processes: int) -> ShardBatches:
+        cfg = self.cfg
+        return ShardBatches(self.shards.tokens(split), eos=self.tokenizer.eos_token_id, block_size=cfg.block_size,
+                            micro_batch_size=cfg.micro_batch_size, document_masking=cfg.document_masking,
+                            process_index=process_index, num_processes=num_processes)
+
+    def train_batches(self, process_index: int, num_processes: int):
+        if self.shards:
+            return self._shard_batches("train", process_index, num_processes)
         return self._batches(self._documents(False, process_index, num_processes), self.cfg.seed + process_index)
 
     def eval_batches(self, process_index: int, num_processes: int) -> list[dict]:
         """The first eval_batches x processes blocks of held-out text, the same in every run; each process
         takes its share. Crop is off: validation measures whole documents."""
         cfg = self.cfg
-        batches = PackedBatches(self._documents(True), block_size=cfg.block_size,
-                                micro_batch_size=cfg.micro_batch_size, document_masking=cfg.document_masking,
-                                error_context=self.source)
+        if self.shards:
+            batches = self._shard_batches("validation", 0, 1)
+        else:
+            batches = PackedBatches(self._documents(True), block_size=cfg.block_size,
+                                    micro_batch_size=cfg.micro_batch_size, document_masking=cfg.document_masking,
+                                    error_context=self.source)
         wanted = cfg.eval_batches * num_processes
         return [batch for i, batch in zip(range(wanted), batches) if i % num_processes == process_index]
 
@@ -276,3 +289,138 @@ class PretrainData:
         ds = self.source.load()
         column, frac = self.cfg.text_column, self.cfg.holdout_fraction
         return (ex[column] for ex in ds if ex[column].strip() and not in_holdout(ex[column], frac))
+
+
+class TokenShards:
+    """Pre-tokenized documents in flat binary files (scripts/prepare_data.py), read through np.memmap.
+
+    A folder holds `meta.json` and `{split}_NNNN.bin` files of uint16/uint32 tokens, every document
+    starting with EOS, so document positions can be recovered from the tokens alone.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        meta_file = self.folder / "meta.json"
+        if not meta_file.exists():
+            raise UserError(f"{folder}: no meta.json (make the folder with scripts/prepare_data.py)")
+        self.meta = json.loads(meta_file.read_text())
+
+    @staticmethod
+    def is_shard_folder(name: str) -> bool:
+        return (Path(name).expanduser() / "meta.json").is_file()
+
+    def tokens(self, split: str) -> np.ndarray:
+        """All shards of a split as one array (memory-mapped: nothing is read until used)."""
+        files = [self.folder / s["file"] for s in self.meta["shards"] if s["split"] == split]
+        if not files:
+            raise UserError(f"{self.folder}: no '{split}' shards")
+        arrays = [np.memmap(f, dtype=self.meta["dtype"], mode="r") for f in files]
+        return arrays[0] if len(arrays) == 1 else _Concatenated(arrays)
+
+
+class _Concatenated:
+    """Slices across several memmaps as if they were one array."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        out, start, stop = [], s.start, s.stop
+        for a, lo, hi in zip(self.arrays, self.starts[:-1], self.starts[1:]):
+            if start < hi and stop > lo:
+                out.append(a[max(start, lo) - lo:min(stop, hi) - lo])
+        return np.concatenate(out)
+
+
+class ShardBatches:
+    """Blocks read in order from a contiguous 1/num_processes slice of the token shards; checkpointable.
+
+    Positions restart at every EOS (a document start) and at every row, as in PackedBatches.
+    """
+
+    def __init__(self, tokens, *, eos: int, block_size: int, micro_batch_size: int, document_masking: bool = True,
+                 process_index: int = 0, num_processes: int = 1):
+        share = len(tokens) // num_processes
+        self.tokens, self.lo, self.hi = tokens, process_index * share, (process_index + 1) * share
+        self.eos, self.block_size, self.micro_batch_size = eos, block_size, micro_batch_size
+        self.document_masking = document_masking
+        self.offset, self.epoch = self.lo, 0
+        if share < block_size * micro_batch_size:
+            raise UserError(f"token shards too small: {share} tokens per process, a batch needs "
+                            f"{block_size * micro_batch_size}")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        n = self.block_size * self.micro_batch_size
+        if self.offset + n > self.hi:
+            self.offset, self.epoch = self.lo, self.epoch + 1
+        chunk = np.asarray(self.tokens[self.offset:self.offset + n], dtype=np.int64)
+        self.offset += n
+        input_ids = torch.from_numpy(chunk).view(self.micro_batch_size, self.block_size)
+        batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+        if self.document_masking:
+            batch["position_ids"] = positions_from_eos(input_ids, self.eos)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"offset": self.offset, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.offset, self.epoch = state["offset"], state["epoch"]
+
+
+def positions_from_eos(input_ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """Every EOS opens a document at position 0; a row's first tokens continue one from before, also at 0."""
+    idx = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    starts = torch.where(input_ids == eos, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - starts
+
+
+def write_token_shards(source: DocumentSource, tokenizer, out: Path, *, holdout: float, shard_tokens: int,
+                       max_documents: int = 0, progress=None) -> dict:
+    """Tokenize a document source once into TokenShards (train and validation by the same hash split).
+
+    Written to `<out>.tmp` and renamed at the end, so an interrupted run never leaves a half folder.
+    """
+    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for split, validation in (("train", False), ("validation", True)):
+        documents = tokenized_documents(source, tokenizer, holdout=holdout, validation=validation)
+        pending, count, docs = [], 0, 0
+
+        def flush():
+            nonlocal pending, count
+            if count:
+                name = f"{split}_{len([s for s in shards if s['split'] == split]):04d}.bin"
+                np.concatenate(pending).astype(dtype).tofile(tmp / name)
+                shards.append({"file": name, "split": split, "tokens": count})
+                pending, count = [], 0
+
+        for row in documents:
+            ids = np.asarray(row["input_ids"], dtype=np.int64)
+            pending.append(ids)
+            count += len(ids)
+            docs += 1
+            if progress:
+                progress(split, len(ids))
+            if count >= shard_tokens:
+                flush()
+            if max_documents and docs >= max_documents:
+                break
+        flush()
+    meta = {"dtype": np.dtype(dtype).name, "eos_token_id": tokenizer.eos_token_id, "dataset": source.name,
+            "holdout_fraction": holdout, "shards": shards}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    if out.exists():
+        raise UserError(f"{out} already exists; remove it or choose another --out")
+    tmp.rename(out)
+    return meta

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .config import UserError, save_config
 from .evaluation import token_byte_lengths
 from .metrics_log import MetricsLog
-from .model import document_causal_mask
+from .model import causal_lm_loss, document_causal_mask
 from .optim import build_optimizer, build_scheduler
 
 CHECKPOINTS = "checkpoints"
@@ -226,17 +226,50 @@ def save_final(accelerator, model, tokenizer, final_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
+def prepare_training(cfg, model, accelerator, total_steps: int):
+    """Model on its device, AdamW and the schedule, all through `accelerator.prepare`; plus the
+    (optionally compiled) forward the loop calls."""
+    model.to(accelerator.device)
+    optimizer = build_optimizer(model, cfg)  # after .to(): fused AdamW needs the parameters on the GPU
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg, total_steps))
+    forward = torch.compile(model) if cfg.compile else model
+    return model, forward, optimizer, scheduler
+
+
+def optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler, micro_batches: list[dict]):
+    """One optimizer step over `micro_batches` (gradient accumulation). Returns the step's mean loss
+    and its token count, as device tensors: nothing here waits for the GPU."""
+    inputs = [model_inputs(b, accelerator.device, cfg.attn_implementation) for b in micro_batches]
+    # Normalise by the target tokens of the whole step on all processes, so k accumulated
+    # micro-batches give the same update as one batch k times larger, whatever the padding.
+    counts = torch.stack([sum(target_count(b) for b in inputs),
+                          # torch.full writes on the device; torch.tensor would copy and wait for the GPU
+                          torch.full((), sum(b["input_ids"].numel() for b in micro_batches), device=accelerator.device)])
+    targets, tokens = accelerator.reduce(counts, "sum").unbind()
+    step_loss = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(inputs):
+        # Gradients are all-reduced only on the last micro-batch.
+        sync = contextlib.nullcontext() if i == len(inputs) - 1 else accelerator.no_sync(model)
+        with sync:
+            loss = causal_lm_loss(forward, batch, targets, cfg.fused_cross_entropy)
+            # DDP averages gradients over processes; the loss is already a global mean.
+            accelerator.backward(loss * accelerator.num_processes)
+        step_loss += loss.detach()
+    if cfg.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(step_loss, "sum"), tokens
+
+
 def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: str = "final",
           info: dict | None = None) -> RunResult:
     """Train `model` on `data` as `cfg` says; checkpoints, metrics and `<output_dir>/<final_name>/`."""
     out = Path(cfg.output_dir)
     main = accelerator.is_main_process
     batches = data.train_batches(accelerator.process_index, accelerator.num_processes)
-
-    model.to(accelerator.device)
-    optimizer = build_optimizer(model, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    forward = torch.compile(model) if cfg.compile else model
 
     step = tokens = 0
     checkpoints = checkpoint_dirs(out)
@@ -251,7 +284,7 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     total_steps = cfg.max_steps or (cfg.max_tokens // tokens_per_step if cfg.max_tokens else 0)
     if total_steps <= 0:
         raise UserError("set max_steps or max_tokens to a positive number")
-    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg, total_steps))
+    model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, total_steps)
 
     if resume_from:
         step, tokens = load_checkpoint(accelerator, resume_from, batches)
@@ -302,34 +335,16 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     stopped = False
     with StopSignal() as stop:
         while step < total_steps:
-            micro_batches = [model_inputs(next(batches), accelerator.device, cfg.attn_implementation)
-                             for _ in range(accum)]
-            # Normalise by the target tokens of the whole step on all processes, so k accumulated
-            # micro-batches give the same update as one batch k times larger, whatever the padding.
-            counts = torch.stack([sum(target_count(b) for b in micro_batches),
-                                  sum(torch.tensor(b["input_ids"].numel(), device=accelerator.device)
-                                      for b in micro_batches)])
-            targets, step_tokens = accelerator.reduce(counts, "sum").unbind()
+            micro_batches = [next(batches) for _ in range(accum)]
+            loss, step_tokens = optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler, micro_batches)
+            window_loss += loss
             new_tokens += step_tokens
-            for i, inputs in enumerate(micro_batches):
-                # Gradients are all-reduced only on the last micro-batch.
-                sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    loss = forward(**inputs, num_items_in_batch=targets).loss
-                    # DDP averages gradients over processes; the loss is already a global mean.
-                    accelerator.backward(loss * accelerator.num_processes)
-                window_loss += loss.detach()
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == total_steps:
                 # The only host syncs in the loop, every log_every steps.
-                loss_value = accelerator.reduce(window_loss, "sum").item() / ((step - 1) % cfg.log_every + 1)
+                loss_value = window_loss.item() / ((step - 1) % cfg.log_every + 1)
                 window_tokens = tokens_now() - tokens
                 tokens = tokens_now()
                 elapsed = time.perf_counter() - window_start

@@ -14,8 +14,14 @@ EOS = "<|endoftext|>"
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    folder = Path(name_or_path).expanduser()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() and not (
+                folder / "tokenizer_config.json").is_file():
+            # OpenAI's original release: just vocab.json + merges.txt, which AutoTokenizer cannot place.
+            tokenizer = GPT2TokenizerFast.from_pretrained(folder)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # offline, missing folder, 404: all one line
         raise UserError(f"tokenizer '{name_or_path}' could not be loaded: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None

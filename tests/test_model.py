@@ -46,3 +46,25 @@ def test_mask_survives_torch_compile():
     """transformers drops its own packed-sequence detection when compiling; our explicit mask must not."""
     packed, separate = packed_and_separate(tiny_gpt2("sdpa"), compile_backend="aot_eager")
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_state_loss_path_equals_transformers_loss():
+    """The fused-loss path (hidden states + linear + CE; Liger's kernel on GPUs) computes the same
+    loss and gradients as GPT2LMHeadModel's own loss."""
+    from hf_gpt.model import causal_lm_loss
+
+    model = tiny_gpt2("sdpa")  # eval mode: no dropout, so both paths see the same network
+    ids = torch.randint(1, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    inputs = {"input_ids": ids, "labels": labels}
+    n = (labels[:, 1:] != -100).sum()
+    losses, grads = [], []
+    for fused in (False, True):
+        model.zero_grad()
+        loss = causal_lm_loss(model, inputs, n, fused)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.transformer.wte.weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
