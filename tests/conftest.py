@@ -18,12 +18,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from hf_gpt.data import stdlib_files  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """80 documents of real text as .txt files, one file per document."""
+    from hf_gpt.data import stdlib_files
+
     folder = tmp_path_factory.mktemp("corpus")
     files = [f for f in stdlib_files(seed=0) if 2_000 < Path(f).stat().st_size < 12_000][:80]
     for i, f in enumerate(files):

@@ -68,3 +68,28 @@ def test_hidden_state_loss_path_equals_transformers_loss():
         grads.append(model.transformer.wte.weight.grad.clone())
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention and Liger need a GPU")
+@pytest.mark.parametrize("impl", ["sdpa", "flex_attention"])
+def test_packed_equals_separate_on_gpu_with_compile(impl):
+    """The fast path (compiled, bf16, flex BlockMask or sdpa mask) keeps documents apart too."""
+    from hf_gpt.model import FLEX, attention_name
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=512, n_positions=256, n_embd=128, n_layer=2, n_head=4)
+    config._attn_implementation = attention_name(impl)
+    model = GPT2LMHeadModel(config).cuda().eval()
+    docs = [torch.randint(1, 512, (n,), device="cuda") for n in (100, 60, 96)]
+    ids = torch.cat(docs)[None]
+    pos = torch.cat([torch.arange(len(d), device="cuda") for d in docs])[None]
+    compiled = torch.compile(model)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        packed = compiled(input_ids=ids, position_ids=pos,
+                          attention_mask=document_causal_mask(pos, impl, torch.float32)).logits[0].float()
+        config._attn_implementation = "sdpa"  # the reference: each document alone, plain causal attention
+        separate = torch.cat([model(input_ids=d[None]).logits[0].float() for d in docs])
+    assert config._attn_implementation == "sdpa" and FLEX
+    torch.testing.assert_close(packed, separate, atol=3e-2, rtol=3e-2)  # bf16
+    error = ((packed - separate).norm() / separate.norm()).item()
+    assert error < 1e-2, error

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The throughput measurements of the README, as run on the device GPU: one JSON line per variant.
+# usage: bash scripts/gpu_bench.sh OUT_FILE [variant ...]
+set -u
+out=$1; shift
+B="python3 scripts/benchmark.py --config configs/gpt2-small.yaml --gradient_accumulation_steps 1 --benchmark_steps 15 --output_dir /tmp/bench"
+declare -A V=(
+  [eager_sdpa]="--compile False"
+  [sdpa]=""
+  [sdpa_nomask]="--document_masking False"
+  [flex]="--attn_implementation flex_attention"
+  [flex_fused]="--attn_implementation flex_attention --fused_cross_entropy"
+  [flex_fused_mb64]="--attn_implementation flex_attention --fused_cross_entropy --micro_batch_size 64"
+  [sdpa_fused_mb64]="--fused_cross_entropy --micro_batch_size 64"
+)
+for name in "$@"; do
+  echo "== $name"
+  timeout 240 $B ${V[$name]} 2>&1 | tee /tmp/bench_$name.log | grep '^{' | sed "s/^{/{\"variant\": \"$name\", /" | tee -a "$out"
+  grep -E "Error|error" /tmp/bench_$name.log | tail -3
+done
