@@ -1,8 +1,35 @@
-"""Evaluation helpers shared by the training loop and scripts/compare.py."""
+"""Evaluation helpers shared by the training loop and scripts/compare.py.
+
+Scoring follows EleutherAI's lm-evaluation-harness (its `HFLM` model) step for step, so that the
+numbers agree with it (docs/compare.md shows the check):
+
+- a (context, continuation) pair is tokenized as one string and split after the context's own
+  tokens, so a BPE merge across the boundary comes out as in running text; trailing spaces of the
+  context move to the continuation; an empty context becomes the BOS (else EOS) token;
+- an input longer than the model's context loses tokens on the left;
+- a whole document is scored in windows of the model's context length (`rolling_windows`).
+
+The log-likelihoods are computed here with the model in torch; `load_metric` modules (hf_gpt/metrics,
+`evaluate` modules loaded by path, offline) turn them into the reported figures.
+"""
 
 from __future__ import annotations
 
+import time
+import warnings
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from .config import UserError
+from .tokenizer import load_tokenizer
+
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+# lm-eval's fallback context length when neither the config nor the tokenizer names one.
+DEFAULT_CONTEXT = 2048
 
 
 def token_byte_lengths(tokenizer, size: int | None = None) -> torch.Tensor:
@@ -19,3 +46,190 @@ def token_byte_lengths(tokenizer, size: int | None = None) -> torch.Tensor:
         if idx not in special:
             lengths[idx] = len(token)
     return lengths
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def load_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) in eval mode from a Hub id, a Hub-format folder, or a PEFT adapter folder.
+
+    A folder with adapter_config.json is a PEFT adapter: it is loaded on the base model its config
+    names, with the adapter folder's tokenizer if it saved one, else the base model's.
+    AutoPeftModelForCausalLM also grows the base's embeddings when the adapter's tokenizer added a
+    token (hf_gpt.lora's trigger token).
+    """
+    path = Path(name_or_path)
+    try:
+        if (path / "adapter_config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+            has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+            tokenizer_source = name_or_path if has_tokenizer else model.peft_config["default"].base_model_name_or_path
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+            tokenizer_source = name_or_path
+    except Exception as e:  # offline, 404, not a model folder: all one line
+        hint = f" (did you mean {path / 'final'}?)" if (path / "final").is_dir() else ""
+        raise UserError(f"model '{name_or_path}' could not be loaded{hint}: {_first_line(e)}") from None
+    tokenizer = load_tokenizer(tokenizer_source)
+    return model.to(device).eval(), tokenizer
+
+
+def context_length(model, tokenizer) -> int:
+    """The longest input the model takes, looked up as lm-eval does."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if value := getattr(model.config, attr, None):
+            return int(value)
+    if tokenizer.model_max_length < 10**12:  # transformers' "no limit" is a huge sentinel
+        return int(tokenizer.model_max_length)
+    return DEFAULT_CONTEXT
+
+
+def prefix_token_id(tokenizer) -> int:
+    """What an empty context, and the first window of a document, is conditioned on."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids, split as lm-eval splits them (see the module docstring)."""
+    if not context:
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = prefix_token_id(tokenizer)
+        return ([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:])
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) windows that score every token of a document exactly once.
+
+    lm-eval's `get_rolling_token_windows` with context_len=1 made disjoint: the first window
+    predicts up to max_length tokens after the prefix token; each later window predicts the next
+    max_length tokens (fewer at the end), its input filled up with the tokens just before them.
+    """
+    if not tokens:
+        return []
+    first = min(max_length, len(tokens))
+    windows = [([prefix], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        end = min(done + max_length, len(tokens))
+        windows.append((tokens[end - max_length - 1:done], tokens[done:end]))
+        done = end
+    return windows
+
+
+@torch.no_grad()
+def score_tokens(model, requests: list[tuple[list[int], list[int]]], *, max_length: int, batch_size: int = 16,
+                 desc: str | None = None) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): the summed log-probability of the continuation, and
+    whether greedy decoding would produce exactly it (every continuation token is the argmax)."""
+    # Longest first, as lm-eval does: similar lengths share a batch, and memory trouble shows at once.
+    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+        batch = order[start:start + batch_size]
+        rows = []
+        for i in batch:
+            context, continuation = requests[i]
+            if not 0 < len(continuation) <= max_length:
+                raise ValueError(f"continuation of {len(continuation)} tokens: needs 1 to {max_length}")
+            rows.append((context + continuation)[-(max_length + 1):][:-1])
+        # Right padding, no attention mask: a causal model's real positions never see the padding.
+        inputs = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+        for r, row in enumerate(rows):
+            inputs[r, :len(row)] = torch.tensor(row)
+        logits = model(input_ids=inputs.to(device)).logits
+        for r, i in enumerate(batch):
+            continuation = torch.tensor(requests[i][1], device=device)
+            end = len(rows[r])
+            logprobs = F.log_softmax(logits[r, end - len(continuation):end].float(), dim=-1)
+            ll = logprobs.gather(-1, continuation[:, None]).sum().item()
+            results[i] = (ll, bool((logprobs.argmax(-1) == continuation).all()))
+    return results
+
+
+def loglikelihood(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int = 16,
+                  desc: str | None = None) -> list[tuple[float, bool]]:
+    """lm-eval's `loglikelihood` request: log P(continuation | context) and is-greedy, per pair."""
+    requests = [encode_pair(tokenizer, context, continuation) for context, continuation in pairs]
+    return score_tokens(model, requests, max_length=context_length(model, tokenizer), batch_size=batch_size,
+                        desc=desc)
+
+
+def rolling_loglikelihood(model, tokenizer, texts: list[str], *, batch_size: int = 16,
+                          desc: str | None = None) -> list[float]:
+    """lm-eval's `loglikelihood_rolling` request: log P(text) of each whole document."""
+    max_length, prefix = context_length(model, tokenizer), prefix_token_id(tokenizer)
+    requests, owners = [], []
+    for i, text in enumerate(texts):
+        for window in rolling_windows(tokenizer.encode(text), prefix, max_length):
+            requests.append(window)
+            owners.append(i)
+    totals = [0.0] * len(texts)
+    for i, (ll, _) in zip(owners, score_tokens(model, requests, max_length=max_length, batch_size=batch_size,
+                                                 desc=desc)):
+        totals[i] += ll
+    return totals
+
+
+def load_metric(name: str):
+    """One of the project's `evaluate` modules (hf_gpt/metrics/<name>/<name>.py), loaded by path:
+    no Hub access, so it works with HF_HUB_OFFLINE=1."""
+    import evaluate
+
+    return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
+
+
+def heldout_loss(model, tokenizer, texts: list[str], *, batch_size: int = 16, desc: str | None = None) -> dict:
+    """Loss per token, perplexity and bits per byte of whole documents (rolling windows).
+
+    Bytes are counted with `token_byte_lengths`, as the training loop's val_bpb is; for a byte-level
+    BPE they are the texts' UTF-8 bytes, the same for every model, which keeps bpb fair between
+    tokenizers (a warning says when a tokenizer breaks that).
+    """
+    lls = rolling_loglikelihood(model, tokenizer, texts, batch_size=batch_size, desc=desc)
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    tokens = [tokenizer.encode(text) for text in texts]
+    nbytes = [int(byte_lengths[ids].sum()) for ids in tokens]
+    if sum(nbytes) != sum(len(text.encode("utf-8")) for text in texts):
+        warnings.warn(f"{tokenizer.name_or_path}: token bytes differ from the text's UTF-8 bytes "
+                      "(not a byte-level BPE?); its bits per byte are not comparable", stacklevel=2)
+    scores = load_metric("perplexity_bpb").compute(nll=[-ll for ll in lls], units=[len(t) for t in tokens],
+                                                   bytes=nbytes)
+    return {"val_loss": scores["loss"], "val_ppl": scores["perplexity"], "val_bpb": scores["bits_per_byte"]}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 40) -> tuple[list[str], float]:
+    """Greedy continuations of each prompt (deterministic, so models are compared on the same footing)
+    and the generation speed in new tokens per second, one prompt at a time with the KV cache."""
+    device = next(model.parameters()).device
+    max_length = context_length(model, tokenizer)
+
+    def run(prompt: str, n: int) -> torch.Tensor:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        n = min(n, max_length - ids.shape[1])  # a model with learnt positions has none beyond its context
+        if n < 1:
+            return torch.empty(0, dtype=torch.long)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        return out[0, ids.shape[1]:].cpu()  # .cpu() waits for the GPU, so the clock reads true
+
+    run(prompts[0], 4)  # warm-up: CUDA kernels and caches are set up outside the timing
+    texts, new_tokens, seconds = [], 0, 0.0
+    for prompt in prompts:
+        start = time.perf_counter()
+        out = run(prompt, max_new_tokens)
+        seconds += time.perf_counter() - start
+        new_tokens += len(out)
+        texts.append(tokenizer.decode(out, skip_special_tokens=True))
+    return texts, new_tokens / seconds

@@ -1,0 +1,80 @@
+"""Generation: load a model (a folder, a Hub id or a PEFT adapter) and write replies to prompts.
+
+A chat prompt is always built by `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`,
+the same call `pipeline("text-generation")` makes, so a model is given exactly the prompt it was
+trained on (hf_gpt.sft checks that for every training record).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from .config import UserError
+from .tokenizer import load_tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def load_for_generation(name: str, device: str | torch.device | None = None):
+    """(model, tokenizer) in eval mode on `device` (a GPU when there is one).
+
+    A folder with adapter_config.json is a PEFT adapter: it is loaded on top of the base model its
+    config names, and the tokenizer comes from the adapter folder when it has one (ours do).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    folder = Path(name).expanduser()
+    try:
+        if (folder / "adapter_config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(folder)
+            has_tokenizer = any((folder / f).is_file() for f in TOKENIZER_FILES)
+            tokenizer_name = str(folder) if has_tokenizer else model.peft_config["default"].base_model_name_or_path
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name)
+            tokenizer_name = name
+    except Exception as e:  # missing folder, offline Hub, broken weights: one line each
+        raise UserError(f"model '{name}' could not be loaded: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    tokenizer = load_tokenizer(tokenizer_name)
+    if tokenizer.pad_token is None:  # GPT-2 has none; padding is masked out, so any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def context_length(config) -> int:
+    """Positions the model has embeddings for: GPT-2 calls it n_positions, most others max_position_embeddings."""
+    return getattr(config, "n_positions", None) or config.max_position_embeddings
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation so far plus the header that opens the assistant's reply."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int = 1,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0) -> list[str]:
+    """The text each prompt (token ids) is continued with, up to the end-of-text token.
+
+    Prompts go in batches padded on the left, so every row ends where its reply begins; `generate`
+    derives the positions from the attention mask, so padding changes nothing.
+    """
+    limit = context_length(model.config)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k} if do_sample else {"do_sample": False}
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer.pad({"input_ids": prompts[start:start + batch_size]}, padding_side="left",
+                              return_tensors="pt").to(model.device)
+        width = batch["input_ids"].shape[1]
+        room = min(max_new_tokens, limit - width)  # position embeddings end at the context length
+        if room < 1:
+            raise UserError(f"a prompt of {width} tokens leaves no room for a reply in the model's "
+                            f"context of {limit} tokens")
+        out = model.generate(**batch, max_new_tokens=room, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **sampling)
+        replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return replies

@@ -1,0 +1,540 @@
+"""LoRA on a person's own writing: a folder of notes -> whole documents -> a PEFT adapter, trained by the
+one engine loop, and a report of what the adaptation did (held-out perplexity, base against adapted).
+
+The writing never leaves the machine as text: the console, metrics.jsonl, summary.json, report.* and
+the adapter folder carry counts and numbers only. Generated text can quote the writing, so it goes to
+`samples.private.md` alone, and `sample_prompts` (whose outputs the engine logs) stays empty by default.
+The tokenized documents live in memory only (`Dataset.from_dict`, no cache files); the checkpoints
+hold the unfinished block of the stream as token ids, as every run of the engine does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from datasets.distributed import split_dataset_by_node
+
+from .config import TrainConfig, UserError
+from .data import PackedBatches, positions_from_eos
+from .engine import accumulation_steps, evaluate, sample, start_run, train
+from .evaluation import token_byte_lengths
+from .model import attention_name
+from .tokenizer import load_tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md", ".markdown")
+GPT2_CONV1D = ["c_attn", "c_proj", "c_fc"]
+# General text (behaviour without the trigger) is measured on this many blocks of it.
+GENERAL_BLOCKS = 16
+SAMPLES_FILE = "samples.private.md"
+
+
+@dataclass
+class LoraRunConfig(TrainConfig):
+    """LoRA on a folder of your own writing. Defaults suit a few thousand to a few hundred thousand tokens."""
+
+    output_dir: str = "runs/lora"
+    model: str = field(default="", metadata={"help": "Base model: a folder such as runs/sft/final, or a Hub id."})
+    writing: str = field(default="", metadata={"help": "Your writing: a folder (read recursively: .txt, .md) or one file."})
+    split_paragraphs: bool = field(
+        default=False, metadata={"help": "Every paragraph (blank-line separated) is a document: for one long text."})
+    holdout_fraction: float = field(
+        default=0.2, metadata={"help": "Share of whole documents held out to measure the adaptation on."})
+    block_size: int = 256
+    epochs: float = field(default=3.0, metadata={"help": "Passes over the training documents, when max_steps and max_tokens are 0."})
+    r: int = field(default=8, metadata={"help": "LoRA rank; 0: no LoRA, train the trigger token's embedding alone."})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha: the update is scaled by alpha / r."})
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(GPT2_CONV1D),
+                                      metadata={"help": "Modules LoRA adapts: GPT-2's Conv1D layers by default."})
+    trigger_token: str = field(default="", metadata={
+        "help": "A new token (e.g. <|me|>) put before every training document, so that it switches the style on."})
+    general_text: str = field(default="", metadata={
+        "help": "Folder or file to measure behaviour without the trigger on; empty: text the base model writes itself."})
+    report_prompts: list[str] = field(default_factory=lambda: ["Dear diary,", "Today I", "I think that"],
+                                      metadata={"help": "Prompts both models continue in samples.private.md."})
+    merge: bool = field(default=False, metadata={"help": "Also write <output_dir>/merged: the adapter merged into a plain model."})
+    # Little text, a small update: a higher rate than pretraining's end, no decay pulling LoRA towards 0.
+    micro_batch_size: int = 4
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    log_every: int = 5
+    eval_batches: int = field(default=0, metadata={"help": "Cap on held-out batches per process; 0: all held-out documents."})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading the writing
+
+
+@dataclass
+class Writing:
+    documents: list[str]
+    files: int = 0  # text files read
+    skipped: Counter = field(default_factory=Counter)  # reason -> how many files (or hidden folders)
+
+    def describe(self) -> str:
+        text = f"{len(self.documents)} documents from {self.files} file{'s' if self.files != 1 else ''}"
+        if self.skipped:
+            text += " (skipped " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) + ")"
+        return text
+
+
+def read_writing(path: str, split_paragraphs: bool = False) -> Writing:
+    """Every .txt/.md file under `path` (or `path` itself) as a document, in path order, exact duplicates
+    removed. Hidden files and folders, other kinds of file, binary, non-UTF-8 and empty files are
+    skipped and counted by reason."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UserError(f"writing not found: {path}")
+    writing, seen = Writing([]), set()
+    for file in _files(root, writing.skipped):
+        reason, text = _read_text(file)
+        if reason:
+            writing.skipped[reason] += 1
+            continue
+        writing.files += 1
+        for doc in _paragraphs(text) if split_paragraphs else [text]:
+            if doc in seen:
+                writing.skipped["duplicate"] += 1
+            else:
+                seen.add(doc)
+                writing.documents.append(doc)
+    if not writing.documents:
+        raise UserError(f"writing {path}: no text to learn from in it ({writing.describe()})")
+    return writing
+
+
+def _files(root: Path, skipped: Counter):
+    if root.is_file():
+        yield root
+        return
+    for folder, dirs, files in os.walk(root):
+        # Hidden folders (.git, .obsidian, .trash) are left unopened and counted once each.
+        hidden = sum(d.startswith(".") for d in dirs)
+        if hidden:
+            skipped["hidden"] += hidden
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            yield Path(folder) / name
+
+
+def _read_text(file: Path) -> tuple[str, str]:
+    """(reason to skip, "") or ("", the text)."""
+    if file.name.startswith("."):
+        return "hidden", ""
+    if file.suffix.lower() not in TEXT_SUFFIXES:
+        return "not .txt/.md", ""
+    try:
+        data = file.read_bytes()
+    except OSError:
+        return "unreadable", ""
+    if b"\x00" in data:  # text never holds NUL bytes; images, archives and UTF-16 files do
+        return "binary", ""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return "not UTF-8", ""
+    text = text.replace("\r\n", "\n").strip()
+    return ("empty", "") if not text else ("", text)
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+
+
+def split_documents(documents: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(train, held out): whole documents, the held-out ones those whose content hashes lowest. The same
+    writing gives the same split on every run and process, whatever the files are called or their order."""
+    if not 0 < fraction < 1:
+        raise UserError(f"holdout_fraction must be between 0 and 1, not {fraction}")
+    if len(documents) < 2:
+        raise UserError(f"{len(documents)} document: at least 2 are needed, one to train on and one to measure on "
+                        "(one long text: --split_paragraphs)")
+    count = min(len(documents) - 1, max(1, round(fraction * len(documents))))
+    held = set(sorted(documents, key=_digest)[:count])
+    return [d for d in documents if d not in held], [d for d in documents if d in held]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches for the engine
+
+
+def as_documents(token_lists: list[list[int]], eos: int, trigger_id: int | None = None) -> list[list[int]]:
+    """[EOS] (+ trigger) + tokens: the engine's document layout, with the trigger where the style begins."""
+    head = [eos] if trigger_id is None else [eos, trigger_id]
+    return [head + ids for ids in token_lists]
+
+
+def pack_documents(documents: list[list[int]], *, block_size: int, micro_batch_size: int, eos: int,
+                   no_loss: int | None = None) -> list[dict]:
+    """Every token of `documents` exactly once, in rows of block_size cut as in training (a document cut
+    by a row goes on at position 0 in the next); the last row is filled with EOS that carry no loss."""
+    tokens = np.concatenate([np.asarray(d, dtype=np.int64) for d in documents])
+    padded = np.concatenate([tokens, np.full(-len(tokens) % block_size, eos, dtype=np.int64)])
+    input_ids = torch.from_numpy(padded).view(-1, block_size)
+    labels = input_ids.clone()
+    labels.view(-1)[len(tokens):] = -100
+    if no_loss is not None:
+        labels[input_ids == no_loss] = -100
+    position_ids = positions_from_eos(input_ids, eos)  # every document starts with EOS
+    return [{"input_ids": i, "labels": t, "position_ids": p}
+            for i, t, p in zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size),
+                               position_ids.split(micro_batch_size))]
+
+
+class _TriggerNotPredicted:
+    """The trigger is given, never a target: were it one, the model would learn to write it after every
+    EOS and so switch the style on by itself."""
+
+    def __init__(self, batches: PackedBatches, trigger_id: int):
+        self.batches, self.trigger_id = batches, trigger_id
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.batches)
+        batch["labels"][batch["input_ids"] == self.trigger_id] = -100
+        return batch
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state)
+
+
+class WritingData:
+    """The engine's data: the training documents packed and reshuffled every epoch, the held-out ones whole."""
+
+    def __init__(self, cfg: LoraRunConfig, train_ids: list[list[int]], heldout_ids: list[list[int]], eos: int,
+                 trigger_id: int | None):
+        self.cfg, self.eos, self.trigger_id = cfg, eos, trigger_id
+        self.train_documents = as_documents(train_ids, eos, trigger_id)
+        self.heldout_ids = heldout_ids
+
+    def train_batches(self, process_index: int, num_processes: int):
+        if len(self.train_documents) < num_processes:
+            raise UserError(f"{len(self.train_documents)} training documents cannot be shared among "
+                            f"{num_processes} processes; use fewer processes")
+        # One shard per document: shuffling the shards reorders the documents every epoch (set_epoch),
+        # and a buffer of 1 keeps the stream's state_dict exact for resuming.
+        docs = Dataset.from_dict({"input_ids": self.train_documents}).to_iterable_dataset(
+            num_shards=len(self.train_documents)).shuffle(seed=self.cfg.seed, buffer_size=1)
+        if num_processes > 1:
+            docs = split_dataset_by_node(docs, rank=process_index, world_size=num_processes)
+        batches = PackedBatches(docs, block_size=self.cfg.block_size, micro_batch_size=self.cfg.micro_batch_size,
+                                seed=self.cfg.seed + process_index)
+        return batches if self.trigger_id is None else _TriggerNotPredicted(batches, self.trigger_id)
+
+    def heldout(self, with_trigger: bool, num_processes: int = 1) -> list[dict]:
+        return heldout_batches(self.cfg, self.heldout_ids, self.eos, self.trigger_id if with_trigger else None,
+                               num_processes)
+
+    def eval_batches(self, process_index: int, num_processes: int) -> list[dict]:
+        """The held-out writing as the adapter is meant to be used: after the trigger, when there is one."""
+        return self.heldout(self.trigger_id is not None, num_processes)[process_index::num_processes]
+
+
+def heldout_batches(cfg: LoraRunConfig, heldout_ids: list[list[int]], eos: int, trigger_id: int | None,
+                    num_processes: int) -> list[dict]:
+    """All held-out documents (or the first eval_batches per process), the trigger first when given."""
+    batches = pack_documents(as_documents(heldout_ids, eos, trigger_id), block_size=cfg.block_size,
+                             micro_batch_size=cfg.micro_batch_size, eos=eos, no_loss=trigger_id)
+    return batches[:cfg.eval_batches * num_processes] if cfg.eval_batches else batches
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model: base, trigger token, PEFT wrapping
+
+
+def load_base_model(cfg: LoraRunConfig):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # fp32 weights as in pretraining (mixed precision is Accelerate's autocast), so the merge is exact.
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
+                                                     attn_implementation=attention_name(cfg.attn_implementation))
+    except Exception as e:  # missing folder, offline Hub, bad weights: one line each
+        raise UserError(f"model '{cfg.model}' could not be loaded: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    context = getattr(model.config, "n_positions", None)
+    if context and cfg.block_size > context:
+        raise UserError(f"block_size {cfg.block_size} is longer than the model's context ({context})")
+    return model
+
+
+def add_trigger_token(tokenizer, model, token: str) -> int:
+    from transformers import AddedToken
+
+    if token in tokenizer.get_vocab():
+        raise UserError(f"trigger_token {token!r} is already in the tokenizer; choose a new string such as <|me|>")
+    # Special: matched whole wherever it is typed, never split by BPE, dropped by skip_special_tokens.
+    tokenizer.add_tokens([AddedToken(token, special=True)], special_tokens=True)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id >= model.get_input_embeddings().num_embeddings:
+        # No spare (padding) row: grow by one, as AutoPeftModelForCausalLM grows the base when loading the adapter.
+        model.resize_token_embeddings(len(tokenizer))
+    return token_id
+
+
+def wrap_model(cfg: LoraRunConfig, model, trigger_id: int | None):
+    """LoRA on the target modules; the trigger's embedding row (and with it GPT-2's tied output row)
+    trained through PEFT's trainable tokens, which store that one row, not the whole embedding."""
+    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+
+    tokens = None if trigger_id is None else [trigger_id]
+    if cfg.r == 0:
+        config = TrainableTokensConfig(token_indices=tokens, task_type="CAUSAL_LM")
+    else:
+        config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                            target_modules=list(cfg.target_modules),
+                            fan_in_fan_out=True,  # GPT-2's Conv1D keeps its weight as (in, out)
+                            trainable_token_indices=tokens, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. a target module the model does not have
+        raise UserError(f"PEFT could not wrap {cfg.model}: {str(e).splitlines()[0]}") from None
+
+
+def save_merged(peft_model, tokenizer, folder: Path) -> None:
+    """The adapter folded into the weights: a plain model, written aside and swapped in like final/."""
+    merged = peft_model.merge_and_unload()
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring base against adapted
+
+
+class _ThisProcess:
+    """What evaluate() needs of an Accelerator, for measurements the main process makes alone: over all
+    the text, before training and after train() has closed the processes' group."""
+
+    def __init__(self, device):
+        self.device = device
+
+    @staticmethod
+    def reduce(tensor, reduction):
+        return tensor
+
+
+class Meter:
+    """Perplexity and samples of one model, measured the same way before and after training."""
+
+    def __init__(self, cfg: LoraRunConfig, accelerator, tokenizer, vocab_size: int):
+        self.cfg, self.accelerator, self.tokenizer = cfg, accelerator, tokenizer
+        self.byte_lengths = token_byte_lengths(tokenizer, vocab_size)
+
+    def perplexity(self, model, batches: list[dict]) -> float:
+        model.to(self.accelerator.device)
+        with self.accelerator.autocast():  # the precision training evaluated in, for both models
+            result = evaluate(model, batches, self.byte_lengths, _ThisProcess(self.accelerator.device),
+                              self.cfg.attn_implementation)
+        return result["val_ppl"]
+
+    def pack(self, documents: list[list[int]]) -> list[dict]:
+        return pack_documents(documents, block_size=self.cfg.block_size, micro_batch_size=self.cfg.micro_batch_size,
+                              eos=self.tokenizer.eos_token_id)
+
+    def samples(self, model, prefix: str = "") -> list[str]:
+        return sample(model, self.tokenizer, [prefix + p for p in self.cfg.report_prompts], self.cfg.sample_tokens)
+
+    @torch.no_grad()
+    def base_written_text(self, model) -> list[list[int]]:
+        """GENERAL_BLOCKS texts the base model writes from an empty context (sampled from its full
+        distribution): behaviour without the trigger, by definition. On them log(adapted / base
+        perplexity) estimates KL(base || adapted) per token."""
+        device, eos = self.accelerator.device, self.tokenizer.eos_token_id
+        model.to(device).eval()
+        start = torch.full((GENERAL_BLOCKS, 1), eos, device=device)
+        # A side stream: the training that follows draws the same numbers as without this.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.seed)
+            out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0, top_p=1.0,
+                                 max_new_tokens=self.cfg.block_size - 1, pad_token_id=eos)
+        rows = [row[:row.index(eos)] if eos in row else row for row in out[:, 1:].tolist()]
+        return as_documents([row for row in rows if row], eos)
+
+    def general_documents(self, model) -> tuple[list[list[int]], str]:
+        eos = self.tokenizer.eos_token_id
+        if not self.cfg.general_text:
+            docs = self.base_written_text(model)
+            return docs, f"{len(docs)} texts the base model wrote itself"
+        docs, room = [], GENERAL_BLOCKS * self.cfg.block_size
+        for text in read_writing(self.cfg.general_text).documents:
+            if room <= 1:
+                break
+            docs.append([eos] + self.tokenizer(text, add_special_tokens=False).input_ids[:room - 1])
+            room -= len(docs[-1])
+        return docs, f"the first {sum(map(len, docs)):,} tokens of {self.cfg.general_text}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
+def check_config(cfg: LoraRunConfig) -> None:
+    if not cfg.model:
+        raise UserError("set --model: the base model folder (e.g. runs/sft/final) or a Hub id")
+    if not cfg.writing:
+        raise UserError("set --writing: a folder of your .txt/.md writing, or one file")
+    if cfg.r < 0:
+        raise UserError(f"r must be 0 or more, not {cfg.r}")
+    if cfg.r == 0 and not cfg.trigger_token:
+        raise UserError("r 0 trains the trigger token alone: set --trigger_token too")
+
+
+def run_lora(cfg: LoraRunConfig) -> dict | None:
+    """Train the adapter; on the main process return the report (None elsewhere, or when stopped early)."""
+    check_config(cfg)
+    # The writing first: a folder with nothing to learn from stops the run before it creates anything.
+    writing = read_writing(cfg.writing, cfg.split_paragraphs)
+    train_texts, heldout_texts = split_documents(writing.documents, cfg.holdout_fraction)
+    accelerator = start_run(cfg)
+    main = accelerator.is_main_process
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_base_model(cfg)
+    eos = tokenizer.eos_token_id
+
+    def tokenize(texts):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    # Tokenized before the trigger exists: the writing's own characters never become the trigger.
+    train_ids, heldout_ids = tokenize(train_texts), tokenize(heldout_texts)
+    counts = {"files_read": writing.files, "documents": len(writing.documents), "skipped": dict(writing.skipped),
+              "split_paragraphs": cfg.split_paragraphs,
+              "train_documents": len(train_ids), "train_tokens": sum(map(len, train_ids)),
+              "heldout_documents": len(heldout_ids), "heldout_tokens": sum(map(len, heldout_ids))}
+    accelerator.print(f"writing: {writing.describe()}; {counts['train_documents']} to train on "
+                      f"({counts['train_tokens']:,} tokens), {counts['heldout_documents']} held out "
+                      f"({counts['heldout_tokens']:,} tokens)")
+
+    meter = Meter(cfg, accelerator, tokenizer, model.config.vocab_size)
+    before = {}
+    if main:  # the base as given, before the trigger row or any adapter touches it
+        general, general_source = meter.general_documents(model)
+        before = {"heldout": meter.perplexity(model, heldout_batches(cfg, heldout_ids, eos, None,
+                                                                     accelerator.num_processes)),
+                  "general": meter.perplexity(model, meter.pack(general)), "samples": meter.samples(model)}
+
+    trigger_id = add_trigger_token(tokenizer, model, cfg.trigger_token) if cfg.trigger_token else None
+    model = wrap_model(cfg, model, trigger_id)
+    data = WritingData(cfg, train_ids, heldout_ids, eos, trigger_id)
+    if not (cfg.max_steps or cfg.max_tokens):
+        per_micro = cfg.micro_batch_size * cfg.block_size
+        per_step = per_micro * accumulation_steps(cfg, per_micro, accelerator.num_processes) * accelerator.num_processes
+        cfg.max_steps = max(1, math.ceil(cfg.epochs * sum(map(len, data.train_documents)) / per_step))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"adapter: {trainable:,} trainable parameters; {cfg.max_steps} steps")
+
+    result = train(cfg, model, tokenizer, data, accelerator, final_name="adapter",
+                   info={"recipe": "lora", "base_model": cfg.model, "datasets": [], "writing": counts})
+    if result.stopped_early or not main:
+        return None
+
+    heldout = {"base": before["heldout"],
+               "adapted": meter.perplexity(model, data.heldout(False, accelerator.num_processes))}
+    samples = {"base": before["samples"], "adapted": meter.samples(model)}
+    if trigger_id is not None:
+        heldout["adapted_with_trigger"] = meter.perplexity(model, data.heldout(True, accelerator.num_processes))
+        samples["adapted_with_trigger"] = meter.samples(model, cfg.trigger_token)
+    report = {
+        "base_model": cfg.model,
+        "writing": counts,
+        "adapter": {"method": "lora" if cfg.r else "trigger token only", "r": cfg.r, "alpha": cfg.alpha,
+                    "lora_dropout": cfg.lora_dropout, "target_modules": list(cfg.target_modules) if cfg.r else [],
+                    "trigger_token": cfg.trigger_token, "trainable_parameters": trainable},
+        "training": {"steps": result.steps, "tokens": result.tokens, "learning_rate": cfg.learning_rate},
+        "heldout_perplexity": heldout,
+        "general_perplexity": {"text": general_source, "written_by_base": not cfg.general_text,
+                               "tokens": sum(map(len, general)), "base": before["general"],
+                               "adapted": meter.perplexity(model, meter.pack(general))},
+        "samples_file": SAMPLES_FILE,
+    }
+    out = Path(cfg.output_dir)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(report_markdown(report))
+    (out / SAMPLES_FILE).write_text(samples_markdown(cfg, samples))
+    if cfg.merge:
+        save_merged(model, tokenizer, out / "merged")
+    return report
+
+
+def _change(base: float, adapted: float) -> str:
+    return f"{100 * (adapted / base - 1):+.1f}%"
+
+
+def report_markdown(report: dict) -> str:
+    """Counts and numbers only: nothing in it quotes the writing, so it can be shared."""
+    w, a, h, g = report["writing"], report["adapter"], report["heldout_perplexity"], report["general_perplexity"]
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(w["skipped"].items())) or "none"
+    method = (f"LoRA r={a['r']}, alpha={a['alpha']}, dropout {a['lora_dropout']} on {', '.join(a['target_modules'])}"
+              if a["r"] else "no LoRA: the trigger token's embedding alone")
+    trigger = f"`{a['trigger_token']}`" if a["trigger_token"] else "none"
+    lines = [
+        "# LoRA on your writing: report", "",
+        f"- Base model: `{report['base_model']}`",
+        f"- Adapter: `adapter/` ({method}; trigger token {trigger}; {a['trainable_parameters']:,} trained parameters)",
+        f"- Writing: {w['documents']} documents from {w['files_read']} files (skipped: {skipped}); "
+        f"{w['train_documents']} trained on ({w['train_tokens']:,} tokens), {w['heldout_documents']} held out whole "
+        f"({w['heldout_tokens']:,} tokens)",
+        f"- Training: {report['training']['steps']} steps, {report['training']['tokens']:,} tokens, "
+        f"learning rate {report['training']['learning_rate']}", "",
+        "## Perplexity on your held-out writing", "",
+        "Documents the adapter never saw. Lower: the model finds your writing less surprising.", "",
+        "| model | perplexity | change |", "|---|---:|---:|",
+        f"| base | {h['base']:.2f} | |",
+        f"| adapted | {h['adapted']:.2f} | {_change(h['base'], h['adapted'])} |",
+    ]
+    if "adapted_with_trigger" in h:
+        lines.append(f"| adapted, after {trigger} | {h['adapted_with_trigger']:.2f} | "
+                     f"{_change(h['base'], h['adapted_with_trigger'])} |")
+    lines += [
+        "", "## Without the trigger: general text", "",
+        f"Measured on {g['text']} ({g['tokens']:,} tokens), never with the trigger.", "",
+        "| model | perplexity | change |", "|---|---:|---:|",
+        f"| base | {g['base']:.2f} | |",
+        f"| adapted | {g['adapted']:.2f} | {_change(g['base'], g['adapted'])} |", "",
+        f"ln(adapted / base) = {math.log(g['adapted'] / g['base']):+.4f} nats per token"
+        + (": on text the base model wrote, an estimate of KL(base || adapted)." if g["written_by_base"] else "."), "",
+        "What \"unchanged without the trigger\" can mean: LoRA changes the weights every input goes through, "
+        "so with r > 0 behaviour moves with or without the trigger; the trigger only adds a switch on top, "
+        "and the table above says how far the rest moved. With r = 0 only the trigger's embedding row is "
+        "trained: on text without it every logit except the trigger's own is the base model's, bit for bit; "
+        "what moves is the probability of the trigger token itself (GPT-2 ties its output row to its input row).",
+        "", f"Samples from the base and the adapted model for the same prompts: `{report['samples_file']}` "
+        "(kept out of this report: generated text can quote your writing).", "",
+    ]
+    return "\n".join(lines)
+
+
+def samples_markdown(cfg: LoraRunConfig, samples: dict) -> str:
+    lines = ["# PRIVATE: samples from models trained on your writing", "",
+             "Generated text can repeat your writing word for word. Keep this file local; never commit or push it.",
+             f"Greedy continuations, {cfg.sample_tokens} new tokens.", ""]
+    for i, prompt in enumerate(cfg.report_prompts):
+        lines += [f"## {prompt!r}", ""]
+        for name, texts in samples.items():
+            shown = (cfg.trigger_token + prompt) if name == "adapted_with_trigger" else prompt
+            lines += [f"**{name.replace('_', ' ')}** ({shown!r}):", "", "> " + (shown + texts[i]).replace("\n", "\n> "), ""]
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""scripts/compare.py and the scoring behind it, on tiny models whose next-token distribution is
+known exactly, so every expected figure is worked out by hand:
+
+- "uniform": every weight zero, so every logit is 0 and each token costs ln(V) nats;
+- "unigram": every weight zero except ln_f's bias (e_0) and column 0 of the tied embedding, so the
+  logits are that column whatever the input: " cat" 2, " elephant" 1, every other token 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import run_script
+from hf_gpt.benchmarks import hellaswag_item, run_hellaswag, run_lambada, run_wikitext, wikitext_detokenize
+from hf_gpt.compare import resolve_tasks
+from hf_gpt.config import UserError
+from hf_gpt.evaluation import (encode_pair, generate, heldout_loss, load_model, loglikelihood, rolling_windows)
+from hf_gpt.tokenizer import train_bpe
+
+ANIMALS = {" cat": 2.0, " elephant": 1.0, " dog": 0.0, " mouse": 0.0}
+SENTENCES = ["the zoo has a cat", "the zoo has an elephant", "the zoo has a dog", "the zoo has a mouse",
+             "A quick brown fox jumps over the lazy dog.", "Models learn to predict the next word of a text."]
+HELD_OUT = ("The zoo opened a new café for the elephant keepers; a naïve visitor asked whether the cat "
+            "was for sale. It was not. The keepers laughed, and the dog barked at the mouse all afternoon.")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = train_bpe(iter(SENTENCES * 50), vocab_size=400, max_documents=10**6)
+    for word in ANIMALS:  # the hand calculations below need each animal to be one token
+        assert len(tok.encode(word)) == 1, word
+    return tok
+
+
+def save_model(folder, tokenizer, logits: dict[str, float] | None = None, n_positions: int = 16):
+    """A GPT-2 that ignores its input (see the module docstring); saved with its tokenizer."""
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=8, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        if logits:
+            model.transformer.ln_f.bias[0] = 1.0
+            for token, value in logits.items():
+                model.transformer.wte.weight[tokenizer.encode(token)[0], 0] = value
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uniform_dir(tmp_path_factory, tokenizer):
+    return save_model(tmp_path_factory.mktemp("uniform"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def unigram_dir(tmp_path_factory, tokenizer):
+    return save_model(tmp_path_factory.mktemp("unigram"), tokenizer, ANIMALS)
+
+
+def log_z(vocab: int) -> float:
+    """log of the unigram model's normaliser: e^2 + e^1 + (V - 2) e^0."""
+    return math.log(math.exp(2) + math.exp(1) + vocab - 2)
+
+
+def test_rolling_windows_score_every_token_once_as_lm_eval():
+    tokens = list(range(10, 20))
+    # Worked out from lm-eval's get_rolling_token_windows(max_seq_len=4, context_len=1) + make_disjoint_window.
+    assert rolling_windows(tokens, prefix=0, max_length=4) == [
+        ([0], [10, 11, 12, 13]),
+        ([13], [14, 15, 16, 17]),
+        ([15, 16, 17], [18, 19]),  # the short last window is filled up with context to 4 inputs
+    ]
+    assert rolling_windows([], prefix=0, max_length=4) == []
+
+
+def test_context_and_continuation_split_as_lm_eval(tokenizer):
+    ctx, cont = encode_pair(tokenizer, "the zoo has a ", "cat")  # trailing space moves to the continuation
+    assert ctx == tokenizer.encode("the zoo has a")
+    assert tokenizer.decode(cont) == " cat" and len(cont) == 1
+    assert encode_pair(tokenizer, "", " cat") == ([tokenizer.eos_token_id], tokenizer.encode(" cat"))
+
+
+def test_uniform_model_heldout_loss_is_ln_vocab(uniform_dir, tokenizer):
+    model, tok = load_model(str(uniform_dir))
+    n_tokens, vocab = len(tok.encode(HELD_OUT)), len(tok)
+    assert n_tokens > 3 * 16  # several rolling windows of the 16-position model
+    scores = heldout_loss(model, tok, [HELD_OUT])
+    assert scores["val_loss"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert scores["val_ppl"] == pytest.approx(vocab, rel=1e-6)
+    # 'é' and 'ï' are 2 bytes each in UTF-8: bytes are counted in the text, not in characters.
+    n_bytes = len(HELD_OUT) + 2
+    assert n_bytes == len(HELD_OUT.encode("utf-8"))
+    assert scores["val_bpb"] == pytest.approx(n_tokens * math.log2(vocab) / n_bytes, rel=1e-6)
+
+
+def test_hellaswag_by_hand(unigram_dir):
+    model, tok = load_model(str(unigram_dir))
+    z = log_z(len(tok))
+    endings = ["cat", "elephant", "dog", "mouse"]
+    lls = [ll for ll, _ in loglikelihood(model, tok, [("Zoo: the zoo has a", " " + e) for e in endings])]
+    assert lls == pytest.approx([2 - z, 1 - z, -z, -z], abs=1e-5)
+    # acc takes the highest log-likelihood (cat); acc_norm divides by characters: (1 - z)/8 beats
+    # (2 - z)/3, -z/3 and -z/5 (z is about 5.8), so it takes elephant. (Dividing by tokens, 1 each,
+    # would take cat again.)
+    docs = [{"activity_label": "Zoo", "ctx_a": "the zoo has a", "ctx_b": "", "endings": endings, "label": label}
+            for label in ("1", "1", "0")]
+    assert run_hellaswag(model, tok, docs) == {"hellaswag_acc": pytest.approx(1 / 3),
+                                               "hellaswag_acc_norm": pytest.approx(2 / 3)}
+
+
+def test_hellaswag_text_is_cleaned_as_lm_eval():
+    doc = {"activity_label": "Pets", "ctx_a": "A man [header] walks.", "ctx_b": "he",
+           "endings": ["sits [title] down."], "label": "0"}
+    assert hellaswag_item(doc) == ("Pets: A man walks. He", ["sits. down."], 0)
+
+
+def test_lambada_by_hand(unigram_dir):
+    model, tok = load_model(str(unigram_dir))
+    z = log_z(len(tok))
+    k = len(tok.encode(" mice"))
+    assert k > 1  # a word of several tokens, each at logit 0
+    # " cat" is the argmax everywhere, so greedy decoding gets the first passage right, not the second;
+    # the perplexity is per passage (exp of the mean loss of the two last words), not per token.
+    scores = run_lambada(model, tok, [{"text": "the zoo has a cat"}, {"text": "the zoo has two mice"}])
+    assert scores["lambada_acc"] == 0.5
+    assert scores["lambada_ppl"] == pytest.approx(math.exp(((z - 2) + k * z) / 2), rel=1e-5)
+
+
+def test_wikitext_word_perplexity_by_hand(uniform_dir, tokenizer):
+    page = " = = The zoo = = \n The zoo has a cat , a dog ( old ) and 2 @-@ 3 elephants . \n"
+    assert wikitext_detokenize(page) == " == The zoo ==\nThe zoo has a cat, a dog (old) and 2-3 elephants.\n"
+    model, tok = load_model(str(uniform_dir))
+    words = len(re.split(r"\s+", page))  # lm-eval counts the words of the page before detokenizing
+    n_tokens = len(tok.encode(wikitext_detokenize(page)))
+    scores = run_wikitext(model, tok, [{"page": page}])
+    assert scores["wikitext_word_ppl"] == pytest.approx(math.exp(n_tokens * math.log(len(tok)) / words), rel=1e-5)
+
+
+def test_greedy_samples(unigram_dir):
+    model, tok = load_model(str(unigram_dir))
+    texts, speed = generate(model, tok, ["the zoo has", "a"], max_new_tokens=3)
+    assert texts == [" cat cat cat"] * 2 and speed > 0
+
+
+def test_peft_adapter_is_loaded_on_its_base(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=16, n_layer=1,
+                               n_head=2)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    # init_lora_weights=False: random A and B, so the adapter changes the outputs.
+    peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(base_dir),
+                                LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                           init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")  # no tokenizer in it: the base's is used
+    ids = torch.tensor([tokenizer.encode("the zoo has a cat")])
+    model, tok = load_model(str(tmp_path / "adapter"))
+    base, _ = load_model(str(base_dir))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+        assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-4)
+    assert tok.get_vocab() == tokenizer.get_vocab()
+
+
+def test_load_model_errors_are_one_line(tmp_path):
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"did you mean .*final") as e:
+        load_model(str(tmp_path / "run"))
+    assert "\n" not in str(e.value)
+
+
+def test_auto_tasks_follow_the_files_given():
+    assert resolve_tasks("auto", {"text": "held_out.txt"}) == ["text", "generate"]
+    assert resolve_tasks("auto", {}) == ["text", "hellaswag", "lambada", "wikitext", "generate"]
+    assert resolve_tasks("lambada,text", {}) == ["text", "lambada"]
+    with pytest.raises(UserError, match="mmlu"):
+        resolve_tasks("mmlu", {})
+
+
+def test_compare_script_end_to_end(tmp_path, uniform_dir, unigram_dir, tokenizer):
+    (tmp_path / "held_out.txt").write_text(HELD_OUT, encoding="utf-8")
+    endings = ["cat", "elephant", "dog", "mouse"]
+    (tmp_path / "hs.jsonl").write_text("".join(json.dumps(
+        {"activity_label": "Zoo", "ctx_a": "the zoo has a", "ctx_b": "", "endings": endings, "label": label}) + "\n"
+        for label in ("1", "1", "0")))
+    (tmp_path / "lambada.jsonl").write_text('{"text": "the zoo has a cat"}\n{"text": "the zoo has a dog"}\n')
+    (tmp_path / "prompts.txt").write_text("the zoo has\n")
+    out = tmp_path / "report"
+    result = run_script("scripts/compare.py", str(uniform_dir), str(unigram_dir),
+                        "--text", str(tmp_path / "held_out.txt"), "--hellaswag", str(tmp_path / "hs.jsonl"),
+                        "--lambada", str(tmp_path / "lambada.jsonl"),
+                        "--limit", "2", "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "2",
+                        "--out", str(out))
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["models"]) == [str(uniform_dir), str(unigram_dir)]  # names as given
+    vocab = len(tokenizer)
+    uniform, unigram = report["models"][str(uniform_dir)], report["models"][str(unigram_dir)]
+    assert set(uniform) == {"val_loss", "val_ppl", "val_bpb", "hellaswag_acc", "hellaswag_acc_norm",
+                            "lambada_acc", "lambada_ppl", "tokens_per_s_generate"}  # no --wikitext: not run
+    assert uniform["val_loss"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert unigram["hellaswag_acc"] == 0.0 and unigram["hellaswag_acc_norm"] == 1.0  # --limit 2: the third left out
+    assert unigram["lambada_acc"] == 0.5 and uniform["lambada_acc"] == 0.0
+    assert report["data"]["tasks"]["hellaswag"] == {"file": str(tmp_path / "hs.jsonl"), "items": 2}
+    # Greedy: the uniform model's argmax is the first id, <|endoftext|>, so it stops at once.
+    assert report["samples"] == [{"prompt": "the zoo has",
+                                  "continuations": {str(uniform_dir): "", str(unigram_dir): " cat cat"}}]
+    assert set(report["versions"]) >= {"torch", "transformers", "datasets", "evaluate", "peft"}
+    markdown = (out / "report.md").read_text()
+    assert "| HellaSwag acc_norm | ↑ |" in markdown and f"| `{unigram_dir}` | cat cat |" in markdown
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "HellaSwag acc" in result.stdout and str(out) in result.stdout
+
+
+def test_unreachable_hub_dataset_is_one_line_and_exit_2(tmp_path, uniform_dir):
+    result = run_script("scripts/compare.py", str(uniform_dir), "--tasks", "hellaswag", "--out", str(tmp_path),
+                        check=False)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: HellaSwag: the Hub dataset Rowan/hellaswag") and "--hellaswag FILE.jsonl" in error
+    assert not (tmp_path / "results.json").exists()

@@ -1,0 +1,247 @@
+"""LoRA on a person's writing: reading the folder, the split, the batches, the adapter and merged model
+that the script writes, the before/after report, and that the writing never leaves as text."""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from conftest import ROOT, run_script
+from hf_gpt.config import UserError, load_config
+from hf_gpt.engine import evaluate
+from hf_gpt.evaluation import token_byte_lengths
+from hf_gpt.lora import (LoraRunConfig, WritingData, pack_documents, read_writing, run_lora, split_documents,
+                         _ThisProcess, as_documents)
+from hf_gpt.tokenizer import load_tokenizer
+
+WRITING = ROOT / "tests" / "data" / "writing"
+NOTES = sorted(p for p in WRITING.rglob("*") if p.suffix in (".txt", ".md") and p.name not in (
+    ".unsent.txt", "empty-draft.md", "phone-export.txt"))  # the 13 readable notes, one a duplicate
+TRIGGER = "<|me|>"
+
+
+def make_base(folder: Path, tokenizer_dir: Path, spare_rows: int) -> Path:
+    """A tiny random GPT-2 with the test tokenizer. spare_rows > 0 pads the vocabulary as hf_gpt.model
+    does for real models (a new token takes a spare row); 0 makes the embedding grow for one."""
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tokenizer) + spare_rows,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_args(base: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(base), "--writing", str(WRITING), "--output_dir", str(out), "--block_size", "64",
+            "--mixed_precision", "no", "--learning_rate", "1e-2", "--log_every", "5", "--sample_tokens", "12", *extra]
+
+
+@pytest.fixture(scope="module")
+def trigger_run(tmp_path_factory, tokenizer_dir):
+    """The script end to end: LoRA with a trigger token and --merge, on a base with spare vocabulary rows."""
+    root = tmp_path_factory.mktemp("lora")
+    base = make_base(root / "base", tokenizer_dir, spare_rows=64)
+    out = root / "run"
+    result = run_script("scripts/lora.py", *run_args(base, out, "--trigger_token", TRIGGER, "--merge",
+                                                    "--max_steps", "20"))
+    return base, out, result
+
+
+def test_reading_a_folder_skips_and_deduplicates():
+    writing = read_writing(str(WRITING))
+    texts = {p.read_text().strip() for p in NOTES}
+    assert len(NOTES) == 13 and len(texts) == 12
+    assert sorted(writing.documents) == sorted(texts)  # subfolders read, each text once
+    assert writing.files == 13
+    assert writing.skipped == {"hidden": 1, "empty": 1, "binary": 1, "duplicate": 1, "not .txt/.md": 1}
+    assert writing.describe() == ("12 documents from 13 files (skipped 1 binary, 1 duplicate, 1 empty, "
+                                  "1 hidden, 1 not .txt/.md)")
+
+
+def test_hidden_folders_paragraphs_and_line_endings(tmp_path):
+    (tmp_path / ".obsidian").mkdir()
+    (tmp_path / ".obsidian" / "workspace.md").write_text("editor state")
+    (tmp_path / "story.txt").write_bytes("\ufeffFirst paragraph,\r\nstill first.\r\n\r\n  \r\nSecond.\r\n\r\nFirst paragraph,\r\nstill first.".encode())
+    writing = read_writing(str(tmp_path), split_paragraphs=True)
+    assert writing.documents == ["First paragraph,\nstill first.", "Second."]
+    assert writing.skipped == {"hidden": 1, "duplicate": 1}
+    assert read_writing(str(tmp_path / "story.txt")).files == 1  # one file named directly
+
+
+def test_held_out_documents_are_whole_and_always_the_same():
+    docs = read_writing(str(WRITING)).documents
+    train, held = split_documents(docs, 0.2)
+    assert len(held) == 2 and len(train) == 10
+    assert sorted(train + held) == sorted(docs) and not set(train) & set(held)
+    shuffled = random.Random(0).sample(docs, len(docs))
+    assert sorted(split_documents(shuffled, 0.2)[1]) == sorted(held)  # by content, not by order or name
+    with pytest.raises(UserError, match="at least 2"):
+        split_documents(docs[:1], 0.2)
+
+
+def test_training_stream_resumes_exactly_and_processes_share_documents():
+    cfg = LoraRunConfig(block_size=16, micro_batch_size=2, seed=3)
+    ids = [[i] * (4 + i) for i in range(1, 11)]  # every token names its document
+    data = WritingData(cfg, ids, ids[:1], eos=0, trigger_id=99)
+    stream = data.train_batches(0, 1)
+    [next(stream) for _ in range(3)]
+    state = stream.state_dict()
+    ahead = [next(stream) for _ in range(12)]  # ~3 epochs of 85 tokens: crosses reshuffles
+    resumed = data.train_batches(0, 1)
+    resumed.load_state_dict(state)
+    for a, b in zip(ahead, [next(resumed) for _ in range(12)]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    flat = torch.cat([b["input_ids"].flatten() for b in ahead])
+    trigger_at = (flat == 99).nonzero().flatten()
+    assert len(trigger_at) >= 20 and (flat[trigger_at[trigger_at > 0] - 1] == 0).all()  # right after each EOS
+    assert all((b["labels"][b["input_ids"] == 99] == -100).all() for b in ahead)  # and never a target
+
+    def documents(batches, epoch):
+        batches.batches.documents.set_epoch(epoch)
+        return [row["input_ids"][2] for row in batches.batches.documents]
+
+    orders = [documents(data.train_batches(0, 1), epoch) for epoch in (0, 1)]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(1, 11)) and orders[0] != orders[1]
+    shares = [documents(data.train_batches(rank, 2), 0) for rank in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == list(range(1, 11)) and not set(shares[0]) & set(shares[1])
+
+
+def test_held_out_packing_scores_every_token_once():
+    docs = as_documents([[5] * 7, [6] * 30, [7] * 3], eos=0, trigger_id=9)
+    batches = pack_documents(docs, block_size=16, micro_batch_size=2, eos=0, no_loss=9)
+    n = sum(map(len, docs))
+    ids = torch.cat([b["input_ids"] for b in batches]).flatten()
+    assert len(ids) == 48 and ids[:n].tolist() == sum(docs, []) and (ids[n:] == 0).all()
+    labels = torch.cat([b["labels"] for b in batches]).flatten()
+    assert (labels[n:] == -100).all() and (labels[ids == 9] == -100).all()
+    assert labels[:n][ids[:n] != 9].tolist() == [t for t in sum(docs, []) if t != 9]
+    positions = torch.cat([b["position_ids"] for b in batches])
+    assert positions[0].tolist() == list(range(9)) + list(range(7))  # restart at the second document
+
+
+def test_adapter_and_merged_model_load_and_agree(trigger_run):
+    base, run, _ = trigger_run
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    adapter = run / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapter.iterdir()}
+    assert not list(adapter.glob("model*.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] and set(config["target_modules"]) == {"c_attn", "c_proj", "c_fc"}
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    trigger_id = tokenizer.convert_tokens_to_ids(TRIGGER)
+    assert config["trainable_token_indices"] == [trigger_id] == [512]  # a spare row of the base
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert all("lora_" in k or "trainable_tokens_delta" in k for k in weights)  # adapter weights only
+
+    ids = torch.tensor([tokenizer(TRIGGER + "Dear diary, the tide came in.").input_ids])
+    assert ids[0, 0] == trigger_id
+    with torch.no_grad():
+        auto = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base)
+        explicit = PeftModel.from_pretrained(plain, adapter).eval()(ids).logits
+        merged_model = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+        merged = merged_model(ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
+    assert type(merged_model).__name__ == "GPT2LMHeadModel"
+    torch.testing.assert_close(explicit, auto, atol=1e-6, rtol=0)
+    torch.testing.assert_close(merged, auto, atol=1e-5, rtol=1e-5)
+    assert (auto - base_logits).abs().max() > 1e-3  # the adapter does something
+
+
+def test_report_measures_base_against_adapted(trigger_run, tokenizer_dir):
+    base, run, result = trigger_run
+    report = json.loads((run / "report.json").read_text())
+    h, g = report["heldout_perplexity"], report["general_perplexity"]
+    assert h["adapted_with_trigger"] < h["base"] and h["adapted"] < h["base"]
+    assert g["written_by_base"] and g["tokens"] > 0 and g["base"] > 0 and g["adapted"] > 0
+    assert report["writing"]["heldout_documents"] == 2 and report["training"]["steps"] == 20
+    # "base" is the base model as given: recomputed here from the files, on the held-out documents.
+    cfg = load_config(LoraRunConfig, ["--block_size", "64"])
+    tokenizer = load_tokenizer(str(base))
+    held = split_documents(read_writing(str(WRITING)).documents, 0.2)[1]
+    ids = tokenizer(held, add_special_tokens=False)["input_ids"]
+    batches = pack_documents(as_documents(ids, tokenizer.eos_token_id), block_size=64,
+                             micro_batch_size=cfg.micro_batch_size, eos=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    expected = evaluate(model, batches, token_byte_lengths(tokenizer, 576), _ThisProcess(torch.device("cpu")), "sdpa")
+    assert h["base"] == pytest.approx(expected["val_ppl"], rel=1e-6)
+    assert sum(report["writing"]["skipped"].values()) == 5
+    assert "12 documents from 13 files (skipped 1 binary, 1 duplicate, 1 empty, 1 hidden, 1 not .txt/.md)" in result.stdout
+    assert "held-out perplexity on your writing: base" in result.stdout
+    md = (run / "report.md").read_text()
+    assert f"{h['base']:.2f}" in md and f"{h['adapted_with_trigger']:.2f}" in md
+
+
+def sentences(text: str) -> list[str]:
+    parts = re.split(r"(?<=[.!?;:])\s+|\n+", text)
+    return [p.strip(" -#*0123456789.") for p in parts if len(p.split()) >= 4]
+
+
+def test_the_writing_never_leaves_as_text(trigger_run):
+    _, run, result = trigger_run
+    private = [s for p in [*NOTES, WRITING / ".unsent.txt"] for s in sentences(p.read_text())]
+    assert len(private) > 60
+    samples = run / "samples.private.md"
+    assert samples.read_text().startswith("# PRIVATE")
+    shared = {"console": result.stdout + result.stderr}
+    for path in run.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".md", ".yaml", ".txt") and path != samples:
+            shared[str(path.relative_to(run))] = path.read_text()
+    assert {"report.md", "report.json", "metrics.jsonl", "summary.json", "config.yaml", "adapter/adapter_config.json",
+            "adapter/README.md", "merged/config.json"} <= set(shared)
+    leaks = [(name, s) for name, text in shared.items() for s in private if s in text]
+    assert not leaks, leaks[:3]
+
+
+def test_trigger_alone_leaves_text_without_it_unchanged(tmp_path, tokenizer_dir, corpus):
+    """r=0 trains only the trigger's embedding row, here on a base with no spare row (the embedding
+    grows by one, as AutoPeftModelForCausalLM grows the base on loading)."""
+    from peft import AutoPeftModelForCausalLM
+
+    base = make_base(tmp_path / "base", tokenizer_dir, spare_rows=0)
+    cfg = load_config(LoraRunConfig, run_args(base, tmp_path / "run", "--r", "0", "--trigger_token", TRIGGER,
+                                              "--max_steps", "25", "--learning_rate", "5e-2",
+                                              "--general_text", str(corpus)))
+    report = run_lora(cfg)
+    h, g = report["heldout_perplexity"], report["general_perplexity"]
+    assert h["adapted_with_trigger"] < h["adapted"]  # the one trained row carries some of the style
+    # Without the trigger only the new token's own probability moves (here about 1/513 of the mass).
+    assert h["adapted"] == pytest.approx(h["base"], rel=5e-3)
+    assert g["text"].startswith("the first") and g["adapted"] == pytest.approx(g["base"], rel=5e-3)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "adapter")
+    ids = torch.tensor([tokenizer("Dear diary, the kettle has a cough.").input_ids])
+    with torch.no_grad():
+        adapted = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "adapter").eval()(ids).logits
+        original = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
+    assert adapted.shape[-1] == original.shape[-1] + 1
+    torch.testing.assert_close(adapted[..., :-1], original, atol=0, rtol=0)  # all but the trigger's own logit
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--writing", "no/such/notes"], "writing not found: no/such/notes"),
+    (["--writing", "EMPTY"], "no text to learn from in it (0 documents from 0 files (skipped 1 binary, 1 hidden))"),
+    (["--target_modules", "q_proj"], "PEFT could not wrap"),
+    (["--r", "0"], "set --trigger_token too"),
+])
+def test_bad_input_gets_one_clear_line(tmp_path, tokenizer_dir, extra, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".draft.md").write_text("hidden")
+    (empty / "scan.txt").write_bytes(b"\x00\x01")
+    base = make_base(tmp_path / "base", tokenizer_dir, spare_rows=0)
+    extra = [str(empty) if x == "EMPTY" else x for x in extra]
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_lora(load_config(LoraRunConfig, run_args(base, tmp_path / "run", "--max_steps", "1", *extra)))
+
+
+def test_recipe_file_holds_the_defaults():
+    recipe = load_config(LoraRunConfig, ["--config", str(ROOT / "configs" / "lora.yaml")])
+    assert recipe == LoraRunConfig()  # the YAML spells the defaults out; unknown keys would be errors
