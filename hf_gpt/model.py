@@ -46,10 +46,11 @@ def build_model(cfg, vocab_size: int, eos_token_id: int) -> GPT2LMHeadModel:
         tie_word_embeddings=cfg.tie_word_embeddings,
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
-        loss_type="ForCausalLM",
     )
     config._attn_implementation = attention_name(cfg.attn_implementation)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # transformers leaves it None and warns on every first loss
+    return model
 
 
 def attention_name(choice: str) -> str:

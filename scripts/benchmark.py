@@ -3,10 +3,11 @@
     python scripts/benchmark.py --config configs/gpt2-small.yaml                      # random tokens, GPU speed
     python scripts/benchmark.py --config configs/gpt2-small.yaml --attn_implementation flex_attention \\
         --fused_cross_entropy --micro_batch_size 64
+    python scripts/benchmark.py --config configs/gpt2-small.yaml --data config    # the config's dataset, real loader
     python scripts/benchmark.py --config configs/gpt2-small.yaml --benchmark loader --dataset data/shards  # CPU side
 
-`--dataset random` (the default here) feeds random tokens cut into documents of random length, so the
-document mask is exercised exactly as with real data while the CPU does no work at all.
+`--data random` (the default for `--benchmark train`) feeds random tokens cut into documents of random
+length, so the document mask is exercised exactly as with real data while the CPU does no work at all.
 """
 
 import json
@@ -30,7 +31,7 @@ H100_BF16_DENSE_TFLOPS = 989.0  # datasheet peak (SXM); the measured matmul ceil
 @dataclass
 class BenchmarkConfig(PretrainConfig):
     output_dir: str = "runs/benchmark"
-    dataset: str = "random"
+    data: str = field(default="random", metadata={"help": "train benchmark: random | config (the --dataset, real loader)"})
     benchmark: str = field(default="train", metadata={"help": "train (GPU step) | loader (data pipeline only)"})
     benchmark_steps: int = 10
     benchmark_warmup_steps: int = 3
@@ -59,7 +60,7 @@ def flops_per_token(model, cfg) -> float:
 
 
 def data_source(cfg):
-    if cfg.dataset == "random":
+    if cfg.benchmark == "train" and cfg.data == "random":
         return None
     from hf_gpt.data import PretrainData
     from hf_gpt.tokenizer import load_tokenizer
@@ -69,8 +70,6 @@ def data_source(cfg):
 
 def benchmark_loader(cfg) -> dict:
     data = data_source(cfg)
-    if data is None:
-        raise UserError("--benchmark loader needs a --dataset (files, Hub id, or token shards)")
     batches = data.train_batches(0, 1)
     next(batches)  # opening files and the first tokenizer call stay out of the timing
     start, tokens = time.perf_counter(), 0
