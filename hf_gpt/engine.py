@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .config import UserError, save_config
 from .evaluation import token_byte_lengths
 from .metrics_log import MetricsLog
-from .model import causal_lm_loss, document_causal_mask
+from .model import causal_lm_loss, document_mask_inputs
 from .optim import build_optimizer, build_scheduler
 
 CHECKPOINTS = "checkpoints"
@@ -88,7 +88,7 @@ def model_inputs(batch: dict, device, attn_implementation: str) -> dict:
     pin = device.type == "cuda"
     inputs = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
     if "position_ids" in inputs:
-        inputs["attention_mask"] = document_causal_mask(inputs["position_ids"], attn_implementation, torch.float32)
+        inputs.update(document_mask_inputs(inputs["position_ids"], attn_implementation))
     return inputs
 
 

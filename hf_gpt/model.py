@@ -9,18 +9,21 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # GPT-2 in transformers does not take flex attention. This registers it under its own name: packed
-# batches get a document BlockMask (flash-speed kernels that skip masked blocks); anything else
-# (generation, unpacked evaluation) falls back to sdpa with the masks transformers builds for it.
+# batches get a document BlockMask (flash-speed kernels that skip masked blocks), passed as the
+# `document_mask` keyword, which transformers hands through to the attention function untouched
+# (GPT-2's forward treats `attention_mask` as a tensor). Anything else (generation, unpacked
+# evaluation) falls back to sdpa with the masks transformers builds for it.
 FLEX = "flex_document"
 
 
-def _flex_document_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    if not isinstance(attention_mask, BlockMask):
+def _flex_document_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             document_mask=None, **kwargs):
+    if document_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    out = flex_attention(query, key, value, block_mask=attention_mask, scale=scaling)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    out = flex_attention(query, key, value, block_mask=document_mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -60,6 +63,12 @@ def attention_name(choice: str) -> str:
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Every position 0 opens a new document: [[0,1,2,0,1]] -> [[0,0,0,1,1]]."""
     return (position_ids == 0).cumsum(dim=-1)
+
+
+def document_mask_inputs(position_ids: torch.Tensor, attn_implementation: str) -> dict:
+    """The model keyword that keeps packed documents apart: `document_mask` (flex) or `attention_mask`."""
+    mask = document_causal_mask(position_ids, attn_implementation, torch.float32)
+    return {"document_mask" if attention_name(attn_implementation) == FLEX else "attention_mask": mask}
 
 
 def document_causal_mask(position_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype):

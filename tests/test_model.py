@@ -2,32 +2,30 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hf_gpt.model import document_causal_mask
+from hf_gpt.model import attention_name, document_causal_mask, document_mask_inputs
 
 
 def tiny_gpt2(attn_implementation: str) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-    config._attn_implementation = attn_implementation
+    config._attn_implementation = attention_name(attn_implementation)
     return GPT2LMHeadModel(config).eval()
 
 
-def packed_and_separate(model, compile_backend=None):
+def packed_and_separate(model, impl, compile_backend=None):
     docs = [torch.randint(1, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 12, 5)]
     ids = torch.cat(docs)[None]
     pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
-    impl = model.config._attn_implementation
     forward = torch.compile(model, backend=compile_backend, fullgraph=False) if compile_backend else model
     with torch.no_grad():
-        packed = forward(input_ids=ids, position_ids=pos,
-                         attention_mask=document_causal_mask(pos, impl, torch.float32)).logits[0]
+        packed = forward(input_ids=ids, position_ids=pos, **document_mask_inputs(pos, impl)).logits[0]
         separate = torch.cat([model(input_ids=d[None]).logits[0] for d in docs])
     return packed, separate
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
 def test_packed_documents_match_separate_documents(impl):
-    packed, separate = packed_and_separate(tiny_gpt2(impl))
+    packed, separate = packed_and_separate(tiny_gpt2(impl), impl)
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
 
 
@@ -44,7 +42,7 @@ def test_without_the_mask_documents_would_leak():
 
 def test_mask_survives_torch_compile():
     """transformers drops its own packed-sequence detection when compiling; our explicit mask must not."""
-    packed, separate = packed_and_separate(tiny_gpt2("sdpa"), compile_backend="aot_eager")
+    packed, separate = packed_and_separate(tiny_gpt2("sdpa"), "sdpa", compile_backend="aot_eager")
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
 
 
@@ -85,8 +83,7 @@ def test_packed_equals_separate_on_gpu_with_compile(impl):
     pos = torch.cat([torch.arange(len(d), device="cuda") for d in docs])[None]
     compiled = torch.compile(model)
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-        packed = compiled(input_ids=ids, position_ids=pos,
-                          attention_mask=document_causal_mask(pos, impl, torch.float32)).logits[0].float()
+        packed = compiled(input_ids=ids, position_ids=pos, **document_mask_inputs(pos, impl)).logits[0].float()
         config._attn_implementation = "sdpa"  # the reference: each document alone, plain causal attention
         separate = torch.cat([model(input_ids=d[None]).logits[0].float() for d in docs])
     assert config._attn_implementation == "sdpa" and FLEX
