@@ -353,6 +353,12 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                 metrics.write(row)
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
+                if not math.isfinite(loss_value):  # every process sees the same reduced loss, so all stop
+                    bar.close()
+                    kept = checkpoint_dirs(out)
+                    raise UserError(f"training diverged: loss {loss_value} at step {step}; nothing saved after "
+                                    f"{kept[-1] if kept else 'the start'}; lower --learning_rate, keep "
+                                    "--max_grad_norm, or try --mixed_precision no")
                 window_loss.zero_()
                 window_start = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:

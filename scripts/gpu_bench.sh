@@ -15,6 +15,6 @@ declare -A V=(
 )
 for name in "$@"; do
   echo "== $name"
-  timeout 240 $B ${V[$name]} 2>&1 | tee /tmp/bench_$name.log | grep '^{' | sed "s/^{/{\"variant\": \"$name\", /" | tee -a "$out"
+  timeout 150 $B ${V[$name]} 2>&1 | tee /tmp/bench_$name.log | grep '^{' | sed "s/^{/{\"variant\": \"$name\", /" | tee -a "$out"
   grep -E "Error|error" /tmp/bench_$name.log | tail -3
 done

@@ -166,6 +166,15 @@ def test_bad_input_gets_one_clear_line(tiny_args, tmp_path, extra, message):
     assert "Traceback" not in result.stderr
 
 
+def test_a_diverging_run_stops_instead_of_saving_nan_weights(tiny_args, tmp_path):
+    run = tmp_path / "run"
+    result = run_script("scripts/pretrain.py", *tiny_args, "--learning_rate", "1e30", "--warmup_steps", "0",
+                        "--max_steps", "6", "--output_dir", str(run), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: training diverged: loss nan at step ")
+    assert not (run / "final").exists()
+
+
 def launch_two(*args, timeout=300):
     """Two processes on a CPU: torchrun (what `accelerate launch --multi_gpu` runs) with gloo."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
