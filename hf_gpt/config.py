@@ -149,11 +149,11 @@ class PretrainConfig(TrainConfig):
     vocab_size: int = field(default=0, metadata={"help": "0: the tokenizer's size rounded up to a multiple of 64."})
     # Schedule for the quick run.
     micro_batch_size: int = 16
-    max_steps: int = 360
+    max_steps: int = 400
     learning_rate: float = 2e-3
     warmup_steps: int = 30
-    eval_every: int = 120
+    eval_every: int = 100
     eval_batches: int = 4
-    save_every: int = 120
+    save_every: int = 100
     sample_prompts: list[str] = field(default_factory=lambda: ["import os\n", "def ", "class "])
     push_to_hub: str = field(default="", metadata={"help": "Hub repo id to publish final/ to at the end."})

@@ -30,13 +30,19 @@ STDLIB = "stdlib"
 LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
+# Left out of the stdlib corpus: third-party packages, and the test suites and codec tables, which are
+# two thirds of the bytes but mostly hex dumps, byte strings and "0x00e -> LATIN SMALL LETTER T"
+# lines that a small model learns to repeat instead of Python.
+STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings"}
+
+
 def stdlib_files(seed: int = 0) -> list[str]:
     """The Python standard library's .py files: real text nobody here wrote, on every machine.
 
     Shuffled once with a fixed seed so training does not walk the tree package by package.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(str(p) for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts))
+    files = sorted(str(p) for p in root.rglob("*.py") if not STDLIB_SKIP & set(p.relative_to(root).parts[:-1]))
     random.Random(seed).shuffle(files)
     return files
 

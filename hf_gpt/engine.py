@@ -63,6 +63,14 @@ def start_run(cfg) -> Accelerator:
         step_scheduler_with_optimizer=False,
     )
     set_seed(cfg.seed)
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` pins CPU runs to one thread (OMP_NUM_THREADS=1) unless its config says
+        # otherwise, which halves the default run on a 2-core machine: use the cores this process may
+        # run on, shared between processes.
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cpus // accelerator.num_processes)
+        if threads > torch.get_num_threads():
+            torch.set_num_threads(threads)
     if cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -122,16 +130,21 @@ def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, accelerator
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations: no sampling, so the training RNG stream is left untouched."""
+def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0) -> list[str]:
+    """Sampled continuations (temperature 0.8, top-k 40: greedy decoding of a small model loops on one
+    line). A fixed seed makes them comparable between evaluations, and the forked RNG leaves the
+    training stream exactly where it was, so resumed runs stay identical."""
     was_training = model.training
     model.eval()
     outputs = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=40,
+                                 pad_token_id=tokenizer.eos_token_id)
+            outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     model.train(was_training)
     return outputs
 
@@ -310,7 +323,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
         last_eval = evaluate(forward, eval_set, byte_lengths, accelerator, cfg.attn_implementation)
         row = {"step": step, "tokens": tokens_now(), **last_eval}
         if cfg.sample_prompts and main:
-            row["samples"] = sample(accelerator.unwrap_model(model), tokenizer, cfg.sample_prompts, cfg.sample_tokens)
+            row["samples"] = sample(accelerator.unwrap_model(model), tokenizer, cfg.sample_prompts, cfg.sample_tokens,
+                                    cfg.seed)
         metrics.write(row)
         accelerator.log(last_eval, step=step)
         if main and last_eval:

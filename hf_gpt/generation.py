@@ -7,42 +7,21 @@ trained on (hf_gpt.sft checks that for every training record).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from transformers import AutoModelForCausalLM
 
 from .config import UserError
-from .tokenizer import load_tokenizer
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+from .evaluation import load_model
 
 
 def load_for_generation(name: str, device: str | torch.device | None = None):
-    """(model, tokenizer) in eval mode on `device` (a GPU when there is one).
+    """(model, tokenizer) in eval mode on `device` (a GPU when there is one), ready to pad batches.
 
-    A folder with adapter_config.json is a PEFT adapter: it is loaded on top of the base model its
-    config names, and the tokenizer comes from the adapter folder when it has one (ours do).
+    A folder with adapter_config.json is a PEFT adapter, loaded on the base model its config names.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    folder = Path(name).expanduser()
-    try:
-        if (folder / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(folder)
-            has_tokenizer = any((folder / f).is_file() for f in TOKENIZER_FILES)
-            tokenizer_name = str(folder) if has_tokenizer else model.peft_config["default"].base_model_name_or_path
-        else:
-            model = AutoModelForCausalLM.from_pretrained(name)
-            tokenizer_name = name
-    except Exception as e:  # missing folder, offline Hub, broken weights: one line each
-        raise UserError(f"model '{name}' could not be loaded: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    tokenizer = load_tokenizer(tokenizer_name)
+    model, tokenizer = load_model(name, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if tokenizer.pad_token is None:  # GPT-2 has none; padding is masked out, so any id will do
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return model, tokenizer
 
 
 def context_length(config) -> int:

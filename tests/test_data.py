@@ -1,11 +1,10 @@
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from hf_gpt.config import PretrainConfig, UserError
-from hf_gpt.data import PackedBatches, PretrainData, in_holdout
+from hf_gpt.data import PretrainData, in_holdout
 from hf_gpt.tokenizer import load_tokenizer
 
 
