@@ -6,8 +6,8 @@ A recipe hands `train()` a model (plain or PEFT), its tokenizer and a data objec
     eval_batches(process_index, num_processes)  -> list of batch dicts (this process's share of a fixed set)
 
 A batch holds `input_ids` and `labels` (-100 where no loss), and optionally `position_ids` (packed
-documents: positions restart at 0 per document, and attention is kept inside each document) or a
-2-D `attention_mask` (padding).
+documents: positions restart at 0 per document, and attention is kept inside each document).
+Padding goes on the right, where causal attention never sees it, so no padding mask is needed.
 """
 
 from __future__ import annotations

@@ -334,15 +334,17 @@ def pack(examples: list[Example], max_length: int) -> list[list[Example]]:
 def collate(units: list[list[Example]], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
     """One micro-batch: a row per unit (one example, or several when packing), padded on the right.
 
-    Unpacked rows get an attention_mask. Packed rows get position_ids restarting at 0 for every example,
-    from which the engine builds a block-diagonal causal mask; the padding run gets positions of its
-    own, so it is a separate "document" that nothing attends to.
+    Unpacked rows need no attention mask: padding comes after every real token, so causal attention
+    alone keeps it out of sight, and it carries no loss. Without a mask, sdpa runs its causal flash
+    kernel rather than the masked memory-efficient one (slower, and known to give NaN for some padding
+    patterns: pytorch#109517). Packed rows get position_ids restarting at 0 for every example, from
+    which the engine builds a block-diagonal causal mask; the padding run gets positions of its own,
+    so it is a separate "document" that nothing attends to.
     """
     width = max(sum(len(ex.input_ids) for ex in unit) for unit in units)
     input_ids = torch.full((len(units), width), pad_id, dtype=torch.long)
     labels = torch.full((len(units), width), -100, dtype=torch.long)
     positions = torch.zeros((len(units), width), dtype=torch.long)
-    attention_mask = torch.zeros((len(units), width), dtype=torch.long)
     for row, unit in enumerate(units):
         at = 0
         for ex in unit:
@@ -351,13 +353,10 @@ def collate(units: list[list[Example]], pad_id: int, packing: bool) -> dict[str,
             labels[row, at:at + n] = torch.tensor(ex.labels)
             positions[row, at:at + n] = torch.arange(n)
             at += n
-        attention_mask[row, :at] = 1
         positions[row, at:] = torch.arange(width - at)
     batch = {"input_ids": input_ids, "labels": labels}
     if packing:
         batch["position_ids"] = positions
-    else:
-        batch["attention_mask"] = attention_mask
     return batch
 
 

@@ -126,15 +126,20 @@ def test_loss_is_on_the_reply_and_its_end_token_only(tokenizer, base_model):
         assert ex.labels[-last:] == ex.input_ids[-last:]  # the last reply ends the example
     examples = examples[:2]
     batch = collate([[ex] for ex in examples], tokenizer.pad_token_id, packing=False)
-    short = min(range(2), key=lambda i: len(examples[i].input_ids))
-    pad = batch["attention_mask"][short] == 0
+    lengths = torch.tensor([len(ex.input_ids) for ex in examples])
+    real = torch.arange(batch["input_ids"].shape[1]) < lengths[:, None]
+    short = int(lengths.argmin())
+    pad = ~real[short]
     assert pad.any() and (batch["labels"][short][pad] == -100).all()
     assert (batch["input_ids"][short][pad] == tokenizer.eos_token_id).all()  # GPT-2 pads with end-of-text
 
+    # The batch carries no attention mask (right padding: causal attention never sees it); its loss
+    # equals the loss of logits computed with an explicit padding mask.
+    assert "attention_mask" not in batch
     model = AutoModelForCausalLM.from_pretrained(base_model).eval()
     with torch.no_grad():
         loss = causal_lm_loss(model, batch, target_count(batch), fused=False)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=real.long()).logits
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     by_hand = torch.nn.functional.cross_entropy(logits[:, :-1][mask], targets[mask])
