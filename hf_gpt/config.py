@@ -58,6 +58,8 @@ class TrainConfig:
     mixed_precision: str = field(default="", metadata={"help": "no | bf16 | fp16; empty: accelerate's config."})
     tf32: bool = True
     compile: bool = False
+    compile_mode: str = field(default="", metadata={
+        "help": "torch.compile mode: '' (default), max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs), max-autotune."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flex_attention"})
     fused_cross_entropy: bool = field(
         default=False, metadata={"help": "GPU: Liger's fused linear + cross-entropy, logits never materialised."})

@@ -246,7 +246,7 @@ def prepare_training(cfg, model, accelerator, total_steps: int):
     optimizer = build_optimizer(model, cfg)  # after .to(): fused AdamW needs the parameters on the GPU
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = accelerator.prepare(build_scheduler(optimizer, cfg, total_steps))
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(model, mode=cfg.compile_mode or None) if cfg.compile else model
     return model, forward, optimizer, scheduler
 
 

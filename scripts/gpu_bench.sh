@@ -5,13 +5,15 @@ set -u
 out=$1; shift
 B="python3 scripts/benchmark.py --config configs/gpt2-small.yaml --gradient_accumulation_steps 1 --benchmark_steps 15 --output_dir /tmp/bench"
 declare -A V=(
-  [eager_sdpa]="--compile False"
-  [sdpa]=""
-  [sdpa_nomask]="--document_masking False"
+  [eager_sdpa]="--attn_implementation sdpa --compile False"
+  [sdpa]="--attn_implementation sdpa"
+  [sdpa_nomask]="--attn_implementation sdpa --document_masking False"
   [flex]="--attn_implementation flex_attention"
+  [flex_autotune]="--attn_implementation flex_attention --compile_mode max-autotune-no-cudagraphs"
+  [flex_cudagraphs]="--attn_implementation flex_attention --compile_mode reduce-overhead"
   [flex_fused]="--attn_implementation flex_attention --fused_cross_entropy"
   [flex_fused_mb64]="--attn_implementation flex_attention --fused_cross_entropy --micro_batch_size 64"
-  [sdpa_fused_mb64]="--fused_cross_entropy --micro_batch_size 64"
+  [sdpa_fused_mb64]="--attn_implementation sdpa --fused_cross_entropy --micro_batch_size 64"
 )
 for name in "$@"; do
   echo "== $name"
