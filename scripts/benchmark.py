@@ -120,7 +120,8 @@ def benchmark_train(cfg) -> dict:
     result = {
         "benchmark": "train", "device": torch.cuda.get_device_name() if cuda else "cpu",
         "processes": accelerator.num_processes, "micro_batch_size": cfg.micro_batch_size,
-        "block_size": cfg.block_size, "gradient_accumulation_steps": accum, "compile": cfg.compile, "compile_mode": cfg.compile_mode,
+        "block_size": cfg.block_size, "gradient_accumulation_steps": accum,
+        "compile": cfg.compile, "compile_mode": cfg.compile_mode,
         "attn_implementation": cfg.attn_implementation, "fused_cross_entropy": cfg.fused_cross_entropy,
         "document_masking": cfg.document_masking, "mixed_precision": accelerator.mixed_precision,
         "tokens_per_s": round(tps), "step_time_s": seconds / cfg.benchmark_steps,
