@@ -63,6 +63,8 @@ def start_run(cfg) -> Accelerator:
         step_scheduler_with_optimizer=False,
     )
     set_seed(cfg.seed)
+    if accelerator.device.type == "cpu" and cfg.attn_implementation == "flex_attention":
+        raise UserError("flex_attention trains on GPUs only (no backward on CPU); use --attn_implementation sdpa")
     if accelerator.device.type == "cpu":
         # `accelerate launch` pins CPU runs to one thread (OMP_NUM_THREADS=1) unless its config says
         # otherwise, which halves the default run on a 2-core machine: use the cores this process may

@@ -153,6 +153,8 @@ def test_an_existing_run_is_never_overwritten(straight_run):
     (["--dataset", "./no/such/folder"], "dataset path not found: ./no/such/folder"),
     (["--dataset", "someone/not-reachable"], "dataset 'someone/not-reachable' could not be loaded from the Hub"),
     (["--tokenizer", "someone/no-tokenizer"], "tokenizer 'someone/no-tokenizer' could not be loaded"),
+    pytest.param(["--attn_implementation", "flex_attention"], "flex_attention trains on GPUs only",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal")),
 ])
 def test_bad_input_gets_one_clear_line(tiny_args, tmp_path, extra, message):
     recipe = tmp_path / "bad.yaml"
