@@ -245,6 +245,10 @@ def prepare_training(cfg, model, accelerator, total_steps: int):
     """Model on its device, AdamW and the schedule, all through `accelerator.prepare`; plus the
     (optionally compiled) forward the loop calls."""
     model.to(accelerator.device)
+    # GPT-2 models (fresh, loaded, or under a PEFT wrapper) leave loss_type None, and transformers warns
+    # at the first loss before falling back to this same causal-LM loss.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.loss_type = base.loss_type or "ForCausalLM"
     optimizer = build_optimizer(model, cfg)  # after .to(): fused AdamW needs the parameters on the GPU
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = accelerator.prepare(build_scheduler(optimizer, cfg, total_steps))

@@ -51,9 +51,7 @@ def build_model(cfg, vocab_size: int, eos_token_id: int) -> GPT2LMHeadModel:
         eos_token_id=eos_token_id,
     )
     config._attn_implementation = attention_name(cfg.attn_implementation)
-    model = GPT2LMHeadModel(config)
-    model.loss_type = "ForCausalLM"  # transformers leaves it None and warns on every first loss
-    return model
+    return GPT2LMHeadModel(config)
 
 
 def attention_name(choice: str) -> str:

@@ -132,7 +132,6 @@ def load_base_model(cfg: SFTConfig, tokenizer):
     except Exception as e:  # missing folder, offline Hub: one line
         raise UserError(f"model '{cfg.model}' could not be loaded: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    model.config.loss_type = "ForCausalLM"  # what GPT-2 configs leave unset, and transformers warns about
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.max_new_tokens = cfg.max_new_tokens
     return model
