@@ -66,7 +66,7 @@ class TrainConfig:
 
     # Evaluation, logging, checkpoints.
     eval_every: int = 0
-    eval_batches: int = 8
+    eval_batches: int = field(default=8, metadata={"help": "Micro-batches of validation per process; 0: the whole split."})
     log_every: int = 10
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -132,7 +132,9 @@ class PretrainConfig(TrainConfig):
     dataset_config: str = ""
     dataset_split: str = "train"
     text_column: str = "text"
-    eval_split: str = field(default="", metadata={"help": "Validation split; empty: documents held out by hash."})
+    eval_split: str = field(default="", metadata={
+        "help": "Validation split; empty: a local folder's validation files (validation.parquet, ...), else "
+                "documents held out by hash."})
     holdout_fraction: float = field(default=0.01, metadata={"help": "Share of documents held out for validation."})
     data_encoding_errors: str = field(default="strict", metadata={"help": "Local text files: strict | replace | ignore."})
     block_size: int = 256

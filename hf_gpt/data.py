@@ -14,6 +14,7 @@ document boundary.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import sysconfig
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import IterableDataset, load_dataset
+from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 from datasets.distributed import split_dataset_by_node
 
 from .config import UserError
@@ -51,18 +53,33 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or Path(name).suffix in LOCAL_BUILDERS or Path(name).exists()
 
 
-def _local_files(name: str) -> tuple[str, list[str]]:
+def _local_files(name: str) -> tuple[str, dict[str, list[str]]]:
+    """The builder and the files of each split of a local file or folder.
+
+    A folder whose file names say their split (`train-0000.parquet`, `validation.parquet`, `test.txt`)
+    is split as `load_dataset(folder)` would split it, by `datasets`' own name patterns; any other
+    folder is one `train` split.
+    """
     path = Path(name).expanduser()
     if not path.exists():
         raise UserError(f"dataset path not found: {name}")
-    files = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [str(path)]
-    files = [f for f in files if Path(f).suffix in LOCAL_BUILDERS]
-    if not files:
+    if path.is_dir():
+        try:
+            found = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
+        except EmptyDatasetError:
+            found = {}
+        splits = {str(split): sorted(f for f in files if Path(f).suffix in LOCAL_BUILDERS and
+                                     not Path(f).name.startswith("."))
+                  for split, files in found.items()}
+    else:
+        splits = {"train": [str(path)] if path.suffix in LOCAL_BUILDERS else []}
+    splits = {split: files for split, files in splits.items() if files}
+    if not splits:
         raise UserError(f"dataset {name}: no .txt/.md/.json/.jsonl/.parquet files in it")
-    builders = {LOCAL_BUILDERS[Path(f).suffix] for f in files}
+    builders = {LOCAL_BUILDERS[Path(f).suffix] for files in splits.values() for f in files}
     if len(builders) > 1:
         raise UserError(f"dataset {name}: mixes file kinds ({', '.join(sorted(builders))}); use one kind")
-    return builders.pop(), files
+    return builders.pop(), splits
 
 
 def _first_undecodable(files: list[str], encoding: str = "utf-8") -> str:
@@ -80,28 +97,37 @@ class DocumentSource:
     def __init__(self, name: str, *, config: str = "", split: str = "train", text_column: str = "text",
                  encoding_errors: str = "strict", seed: int = 0):
         self.name, self.split, self.text_column = name, split, text_column
-        self.files: list[str] = []
+        self.splits: dict[str, list[str]] = {}  # local files by split; empty for a Hub dataset
         if name == STDLIB:
             # CPython ships a few deliberately non-UTF-8 test files; replace their odd bytes.
-            self.files = stdlib_files(seed)
+            self.splits = {"train": stdlib_files(seed)}
             self.args = ("text",)
-            self.kwargs = dict(data_files=self.files, sample_by="document", encoding_errors="replace")
+            self.kwargs = dict(sample_by="document", encoding_errors="replace")
         elif _looks_local(name):
-            builder, self.files = _local_files(name)
+            builder, self.splits = _local_files(name)
             self.args = (builder,)
-            self.kwargs = dict(data_files=self.files)
-            if builder == "text":
-                self.kwargs.update(sample_by="document", encoding_errors=encoding_errors)
+            self.kwargs = dict(sample_by="document", encoding_errors=encoding_errors) if builder == "text" else {}
         else:
             self.args = (name, config or None)
             self.kwargs = {}
 
+    @property
+    def files(self) -> list[str]:
+        return [f for files in self.splits.values() for f in files]
+
+    def has_split(self, split: str) -> bool:
+        """Only asked of local files: a Hub dataset's splits are known once it is loaded."""
+        return split in self.splits
+
     def load(self, split: str | None = None) -> IterableDataset:
         split = split or self.split
-        if self.files:
-            split = "train"  # local files form a single split; validation is held out by hash
+        kwargs = self.kwargs
+        if self.splits:
+            if split not in self.splits:
+                raise UserError(f"dataset {self.name} has no '{split}' split (it has: {', '.join(self.splits)})")
+            kwargs = {**kwargs, "data_files": {split: self.splits[split]}}
         try:
-            return load_dataset(*self.args, split=split, streaming=True, **self.kwargs)
+            return load_dataset(*self.args, split=split, streaming=True, **kwargs)
         except Exception as e:  # the Hub raises many kinds (offline, 404, gated, no split): one line each
             where = f"from the Hub (split {split})" if not self.files else "from local files"
             raise UserError(f"dataset '{self.name}' could not be loaded {where}: {type(e).__name__}: "
@@ -158,20 +184,24 @@ class PackedBatches:
     and attends across documents.
     The state (stream position, epoch, unfinished block, crop RNG) makes a resumed run read exactly
     the tokens an uninterrupted one would.
+    one_pass=True (validation) reads the stream once and then stops, its last batch padded.
     """
 
     def __init__(self, documents: IterableDataset, *, block_size: int, micro_batch_size: int, crop: str = "",
-                 document_masking: bool = True, seed: int = 0, error_context: DocumentSource | None = None):
+                 document_masking: bool = True, seed: int = 0, error_context: DocumentSource | None = None,
+                 one_pass: bool = False):
         if crop not in ("", "random", "start"):
             raise UserError(f"crop must be '', 'random' or 'start', not '{crop}'")
         self.documents, self.block_size, self.micro_batch_size = documents, block_size, micro_batch_size
         self.crop, self.document_masking, self.source = crop, document_masking, error_context
+        self.one_pass = one_pass
         self.epoch, self.rng = 0, np.random.default_rng(seed)
         self.tokens, self.positions = np.empty(0, np.int64), np.empty(0, np.int64)
         self._iter = None
         self._epoch_docs = 0
 
-    def _next_document(self) -> np.ndarray:
+    def _next_document(self) -> np.ndarray | None:
+        """The next document's tokens; None at the end of the stream in one-pass mode."""
         while True:
             if self._iter is None:
                 self.documents.set_epoch(self.epoch)
@@ -181,6 +211,8 @@ class PackedBatches:
                 self._epoch_docs += 1
                 return doc
             except StopIteration:
+                if self.one_pass:
+                    return None
                 if self._epoch_docs == 0:
                     name = self.source.name if self.source else "the dataset"
                     raise UserError(f"dataset {name}: no documents to train on (empty corpus"
@@ -201,7 +233,10 @@ class PackedBatches:
 
     def _fill(self, n: int) -> None:
         while len(self.tokens) < n:
-            doc = self._crop(self._next_document())
+            doc = self._next_document()
+            if doc is None:
+                return
+            doc = self._crop(doc)
             pos = np.arange(len(doc), dtype=np.int64)
             self.tokens = np.concatenate([self.tokens, doc])
             self.positions = np.concatenate([self.positions, pos])
@@ -212,13 +247,14 @@ class PackedBatches:
     def __next__(self) -> dict[str, torch.Tensor]:
         n = self.micro_batch_size * self.block_size
         self._fill(n)
+        if not len(self.tokens):
+            raise StopIteration
         tokens, self.tokens = self.tokens[:n], self.tokens[n:]
         positions, self.positions = self.positions[:n], self.positions[n:]
-        input_ids = torch.from_numpy(tokens.copy()).view(self.micro_batch_size, self.block_size)
-        batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+        batch = _padded_rows(tokens, self.block_size)
         if self.document_masking:
             # A document cut by a block boundary starts again at position 0 in the next row.
-            pos = torch.from_numpy(positions.copy()).view(self.micro_batch_size, self.block_size)
+            pos = _padded_rows(positions, self.block_size)["input_ids"]
             batch["position_ids"] = pos - _carry_offset(pos)
         return batch
 
@@ -237,6 +273,17 @@ class PackedBatches:
         self.rng.bit_generator.state = state["rng"]
 
 
+def _padded_rows(tokens: np.ndarray, block_size: int) -> dict[str, torch.Tensor]:
+    """`input_ids` and `labels` in rows of block_size. Only the end of a one-pass read is short: it is
+    padded with zeros that carry no loss (as position ids, zeros open one-token documents of their own)."""
+    rows = -(-len(tokens) // block_size)
+    input_ids = torch.zeros(rows * block_size, dtype=torch.long)
+    input_ids[:len(tokens)] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    labels = input_ids.clone()
+    labels[len(tokens):] = -100
+    return {"input_ids": input_ids.view(rows, block_size), "labels": labels.view(rows, block_size)}
+
+
 def _carry_offset(pos: torch.Tensor) -> torch.Tensor:
     """Per row, the amount to subtract so that a document carried over from the previous row or block
     (the run before the row's first 0) restarts at position 0 too."""
@@ -253,48 +300,70 @@ class PretrainData:
         self.source = None if self.shards else DocumentSource(
             cfg.dataset, config=cfg.dataset_config, split=cfg.dataset_split, text_column=cfg.text_column,
             encoding_errors=cfg.data_encoding_errors, seed=cfg.seed)
+        # Validation: the named split; else a local folder's own validation files; else documents held out by hash.
+        self.eval_split = cfg.eval_split or ("validation" if self.source and self.source.has_split("validation") else "")
+        self.holdout = 0.0 if self.eval_split else cfg.holdout_fraction
 
     def _documents(self, validation: bool, process_index: int = 0, num_processes: int = 1):
-        split = self.cfg.eval_split if validation and self.cfg.eval_split else None
-        holdout = 0.0 if self.cfg.eval_split else self.cfg.holdout_fraction
-        return tokenized_documents(self.source, self.tokenizer, holdout=holdout, validation=validation,
+        split = self.eval_split if validation and self.eval_split else None
+        return tokenized_documents(self.source, self.tokenizer, holdout=self.holdout, validation=validation,
                                    split=split, process_index=process_index, num_processes=num_processes)
 
-    def _batches(self, documents, seed: int) -> PackedBatches:
+    def train_batches(self, process_index: int, num_processes: int):
         cfg = self.cfg
-        return PackedBatches(documents, block_size=cfg.block_size, micro_batch_size=cfg.micro_batch_size,
-                             crop=cfg.crop, document_masking=cfg.document_masking, seed=seed,
+        if self.shards:
+            return ShardBatches(self.shards.tokens("train"), eos=self.tokenizer.eos_token_id,
+                                block_size=cfg.block_size, micro_batch_size=cfg.micro_batch_size,
+                                document_masking=cfg.document_masking, process_index=process_index,
+                                num_processes=num_processes)
+        return PackedBatches(self._documents(False, process_index, num_processes), block_size=cfg.block_size,
+                             micro_batch_size=cfg.micro_batch_size, crop=cfg.crop,
+                             document_masking=cfg.document_masking, seed=cfg.seed + process_index,
                              error_context=self.source)
 
-    def _shard_batches(self, split: str, process_index: int, num_processes: int) -> ShardBatches:
-        cfg = self.cfg
-        return ShardBatches(self.shards.tokens(split), eos=self.tokenizer.eos_token_id, block_size=cfg.block_size,
-                            micro_batch_size=cfg.micro_batch_size, document_masking=cfg.document_masking,
-                            process_index=process_index, num_processes=num_processes)
-
-    def train_batches(self, process_index: int, num_processes: int):
-        if self.shards:
-            return self._shard_batches("train", process_index, num_processes)
-        return self._batches(self._documents(False, process_index, num_processes), self.cfg.seed + process_index)
-
     def eval_batches(self, process_index: int, num_processes: int) -> list[dict]:
-        """The first eval_batches x processes blocks of held-out text, the same in every run; each process
-        takes its share. Crop is off: validation measures whole documents."""
+        """This process's share of the validation set: one pass over the validation split (or its first
+        eval_batches micro-batches), the same in every run.
+
+        Whatever the training's crop and masking, validation reads whole documents that each attend only
+        to themselves, so runs of different recipes (the seed article's, an ablation) are measured alike.
+        Every process gets the same number of batches (topped up with one that carries no targets).
+        """
         cfg = self.cfg
         if self.shards:
-            batches = self._shard_batches("validation", 0, 1)
+            batches = ShardBatches(self.shards.tokens("validation"), eos=self.tokenizer.eos_token_id,
+                                   block_size=cfg.block_size, micro_batch_size=cfg.micro_batch_size, one_pass=True)
         else:
             batches = PackedBatches(self._documents(True), block_size=cfg.block_size,
-                                    micro_batch_size=cfg.micro_batch_size, document_masking=cfg.document_masking,
-                                    error_context=self.source)
-        wanted = cfg.eval_batches * num_processes
-        return [batch for i, batch in zip(range(wanted), batches) if i % num_processes == process_index]
+                                    micro_batch_size=cfg.micro_batch_size, error_context=self.source, one_pass=True)
+        wanted = cfg.eval_batches * num_processes if cfg.eval_batches > 0 else None
+        try:
+            taken = list(itertools.islice(batches, wanted))
+        except UserError:
+            raise
+        except Exception as e:
+            raise self.source.describe_error(e) if self.source else e from None
+        if not taken:
+            raise UserError(self._empty_validation())
+        while len(taken) % num_processes:
+            taken.append({**taken[-1], "labels": torch.full_like(taken[-1]["labels"], -100)})
+        return taken[process_index::num_processes]
+
+    def _empty_validation(self) -> str:
+        if self.shards:
+            return f"token shards {self.cfg.dataset}: the validation shards hold no tokens; remake them with a larger --holdout_fraction"
+        if self.eval_split:
+            return (f"dataset {self.cfg.dataset}: its '{self.eval_split}' split has no documents; "
+                    "set --eval_split to a split with documents, or --eval_split '' to hold documents out by hash")
+        return (f"dataset {self.cfg.dataset}: no document is held out for validation at holdout_fraction "
+                f"{self.holdout:g}; raise --holdout_fraction (a small corpus needs ~0.01 or more) or name a "
+                "validation split with --eval_split")
 
     def texts(self):
         """Training documents as text, for training the tokenizer (never the held-out ones)."""
         ds = self.source.load()
-        column, frac = self.cfg.text_column, self.cfg.holdout_fraction
-        return (ex[column] for ex in ds if ex[column].strip() and not in_holdout(ex[column], frac))
+        column, frac = self.cfg.text_column, self.holdout
+        return (ex[column] for ex in ds if ex[column].strip() and not (frac > 0 and in_holdout(ex[column], frac)))
 
 
 class TokenShards:
@@ -349,13 +418,13 @@ class ShardBatches:
     """
 
     def __init__(self, tokens, *, eos: int, block_size: int, micro_batch_size: int, document_masking: bool = True,
-                 process_index: int = 0, num_processes: int = 1):
+                 process_index: int = 0, num_processes: int = 1, one_pass: bool = False):
         share = len(tokens) // num_processes
         self.tokens, self.lo, self.hi = tokens, process_index * share, (process_index + 1) * share
         self.eos, self.block_size, self.micro_batch_size = eos, block_size, micro_batch_size
-        self.document_masking = document_masking
+        self.document_masking, self.one_pass = document_masking, one_pass
         self.offset, self.epoch = self.lo, 0
-        if share < block_size * micro_batch_size:
+        if share < block_size * micro_batch_size and not one_pass:
             raise UserError(f"token shards too small: {share} tokens per process, a batch needs "
                             f"{block_size * micro_batch_size}")
 
@@ -365,13 +434,16 @@ class ShardBatches:
     def __next__(self) -> dict[str, torch.Tensor]:
         n = self.block_size * self.micro_batch_size
         if self.offset + n > self.hi:
-            self.offset, self.epoch = self.lo, self.epoch + 1
-        chunk = np.asarray(self.tokens[self.offset:self.offset + n], dtype=np.int64)
+            if self.one_pass:  # the rest, padded; then stop
+                n = self.hi - self.offset
+                if n <= 0:
+                    raise StopIteration
+            else:
+                self.offset, self.epoch = self.lo, self.epoch + 1
+        batch = _padded_rows(np.asarray(self.tokens[self.offset:self.offset + n]), self.block_size)
         self.offset += n
-        input_ids = torch.from_numpy(chunk).view(self.micro_batch_size, self.block_size)
-        batch = {"input_ids": input_ids, "labels": input_ids.clone()}
         if self.document_masking:
-            batch["position_ids"] = positions_from_eos(input_ids, self.eos)
+            batch["position_ids"] = positions_from_eos(batch["input_ids"], self.eos)
         return batch
 
     def state_dict(self) -> dict:

@@ -109,13 +109,19 @@ def target_count(batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, accelerator, attn_implementation: str) -> dict:
-    """Validation loss (nats per target token), perplexity and bits per byte over a fixed set."""
+    """Validation loss (nats per target token), perplexity and bits per byte over a fixed set.
+
+    Runs the model as it is, not compiled: a compiled model would compile again for evaluation (no
+    gradients, eval mode, other shapes), which costs tens of seconds at every switch. Flex attention
+    is a compiled kernel too, so its runs evaluate through sdpa with a dense document mask instead.
+    """
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # nll, targets, bytes
     byte_lengths = byte_lengths.to(accelerator.device)
+    mask_kind = "eager" if attn_implementation == "eager" else "sdpa"
     for batch in batches:
-        inputs = model_inputs(batch, accelerator.device, attn_implementation)
+        inputs = model_inputs(batch, accelerator.device, mask_kind)
         labels = inputs.pop("labels")[:, 1:]
         logits = model(**inputs).logits[:, :-1].float()
         nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
@@ -303,6 +309,9 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     total_steps = cfg.max_steps or (cfg.max_tokens // tokens_per_step if cfg.max_tokens else 0)
     if total_steps <= 0:
         raise UserError("set max_steps or max_tokens to a positive number")
+    # Read before anything is built or written, so that an empty or broken validation split stops the
+    # run at once, not at its first evaluation.
+    eval_set = data.eval_batches(accelerator.process_index, accelerator.num_processes)
     model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, total_steps)
 
     if resume_from:
@@ -319,14 +328,14 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
         accelerator.init_trackers(out.name, config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)})
 
     byte_lengths = token_byte_lengths(tokenizer, accelerator.unwrap_model(model).config.vocab_size)
-    eval_set = None
     last_eval: dict = {}
+    eval_seconds = 0.0
 
     def run_eval():
-        nonlocal eval_set, last_eval
-        if eval_set is None:
-            eval_set = data.eval_batches(accelerator.process_index, accelerator.num_processes)
-        last_eval = evaluate(forward, eval_set, byte_lengths, accelerator, cfg.attn_implementation)
+        nonlocal last_eval, eval_seconds
+        began = time.perf_counter()
+        last_eval = evaluate(accelerator.unwrap_model(model), eval_set, byte_lengths, accelerator,
+                             cfg.attn_implementation)
         row = {"step": step, "tokens": tokens_now(), **last_eval}
         if cfg.sample_prompts and main:
             row["samples"] = sample(accelerator.unwrap_model(model), tokenizer, cfg.sample_prompts, cfg.sample_tokens,
@@ -338,6 +347,7 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                        f"bpb {last_eval['val_bpb']:.4f}")
             for prompt, text in zip(cfg.sample_prompts, row.get("samples", [])):
                 tqdm.write(f"  {prompt!r} -> {text!r}")
+        eval_seconds += time.perf_counter() - began
 
     accelerator.print(f"training {total_steps} steps x {tokens_per_step:,} tokens "
                       f"(micro-batch {example['input_ids'].shape[0]} x {example['input_ids'].shape[1]}, "
@@ -381,6 +391,7 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                                     "--max_grad_norm, or try --mixed_precision no")
                 window_loss.zero_()
                 window_start = time.perf_counter()
+            paused = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 run_eval()
             stop_now = _agreed(stop.received, accelerator, step % cfg.log_every == 0)
@@ -392,6 +403,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                                       f"continue with --resume")
                     stopped = True
                     break
+            # tokens_per_s measures training: the clock stops while evaluating and saving
+            window_start += time.perf_counter() - paused
     bar.close()
     if not stopped:
         run_eval()
@@ -401,8 +414,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     tokens = tokens_now()
     if main:
         summary = run_summary(cfg, accelerator, {"steps": step, "tokens": tokens, "wall_time_s": wall,
-                                                 "tokens_per_step": tokens_per_step, "eval": last_eval},
-                              info or {})
+                                                 "eval_time_s": eval_seconds, "tokens_per_step": tokens_per_step,
+                                                 "eval": last_eval}, info or {})
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         metrics.plot(out / "loss.png")
     accelerator.end_training()

@@ -9,9 +9,9 @@ from hf_gpt.tokenizer import load_tokenizer
 
 
 def make_data(corpus, tokenizer_dir, **overrides) -> PretrainData:
-    overrides.setdefault("crop", "")
+    overrides = {"crop": "", "holdout_fraction": 0.1, **overrides}
     cfg = PretrainConfig(dataset=str(corpus), tokenizer=str(tokenizer_dir), block_size=64, micro_batch_size=4,
-                         holdout_fraction=0.1, **overrides)
+                         **overrides)
     return PretrainData(cfg, load_tokenizer(str(tokenizer_dir)))
 
 
@@ -104,3 +104,40 @@ def test_bad_inputs_have_clear_errors(tmp_path, corpus, tokenizer_dir):
     (jsonl / "d.jsonl").write_text('{"content": "x"}\n')
     with pytest.raises(UserError, match="no column 'text'"):
         next(make_data(jsonl, tokenizer_dir).train_batches(0, 1))
+
+
+def test_a_folder_with_split_files_validates_on_its_validation_file(tmp_path, corpus, tokenizer_dir):
+    """train-*.parquet + validation.parquet, as load_dataset(folder) splits them: no hash holdout."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    folder = tmp_path / "english"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": texts[:30]}), folder / "train-0000.parquet")
+    pq.write_table(pa.table({"text": texts[30:60]}), folder / "train-0001.parquet")
+    pq.write_table(pa.table({"text": texts[60:66]}), folder / "validation.parquet")
+    data = make_data(folder, tokenizer_dir)
+    encode = lambda t: tuple([data.tokenizer.eos_token_id] + data.tokenizer(t)["input_ids"])  # noqa: E731
+    assert [tuple(r["input_ids"]) for r in data._documents(True)] == [encode(t) for t in texts[60:66]]
+    assert len(list(data._documents(False))) == 60  # every training document, none held out by hash
+
+
+def test_validation_is_one_pass_over_whole_documents_for_every_recipe(corpus, tokenizer_dir):
+    """eval_batches 0 reads every held-out token exactly once, the last batch padded without targets;
+    and the seed article's recipe (crop, no document masking) is validated the same way as ours."""
+    ours = make_data(corpus, tokenizer_dir, eval_batches=0)
+    seed = make_data(corpus, tokenizer_dir, eval_batches=0, crop="start", document_masking=False)
+    held_out_tokens = sum(len(r["input_ids"]) for r in ours._documents(True))
+    batches = ours.eval_batches(0, 1)
+    assert sum(int((b["labels"] != -100).sum()) for b in batches) == held_out_tokens
+    assert batches[-1]["input_ids"].shape[0] <= 4  # the padded end, not a second pass over the documents
+    for mine, theirs in zip(batches, seed.eval_batches(0, 1), strict=True):
+        assert mine.keys() == theirs.keys() == {"input_ids", "labels", "position_ids"}
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_an_empty_validation_split_is_named(tmp_path, corpus, tokenizer_dir):
+    with pytest.raises(UserError, match=r"no document is held out for validation at holdout_fraction 1e-05; "
+                                        r"raise --holdout_fraction"):
+        make_data(corpus, tokenizer_dir, holdout_fraction=0.00001).eval_batches(0, 1)

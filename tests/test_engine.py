@@ -168,6 +168,17 @@ def test_bad_input_gets_one_clear_line(tiny_args, tmp_path, extra, message):
     assert "Traceback" not in result.stderr
 
 
+def test_an_empty_validation_split_stops_the_run_before_training(tiny_args, tmp_path):
+    run = tmp_path / "run"
+    result = run_script("scripts/pretrain.py", *tiny_args, "--holdout_fraction", "0.0005", "--max_steps", "50",
+                        "--output_dir", str(run), check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: dataset ") and "holdout_fraction 0.0005" in last and "--eval_split" in last
+    assert "Traceback" not in result.stderr
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()  # no step was trained
+
+
 def test_a_diverging_run_stops_instead_of_saving_nan_weights(tiny_args, tmp_path):
     run = tmp_path / "run"
     result = run_script("scripts/pretrain.py", *tiny_args, "--learning_rate", "1e30", "--warmup_steps", "0",
