@@ -25,17 +25,27 @@ class Benchmark:
     path: str  # the Hub dataset lm-eval reads
     name: str | None
     split: str
-    fields: tuple[str, ...]  # what each record needs, in a local file too
+    forms: tuple[tuple[str, ...], ...]  # the fields a record needs (any one of these sets), in a local file too
     option: str  # the command-line option that takes a local copy
+
+    @property
+    def expected(self) -> str:
+        return "; or ".join(", ".join(form) for form in self.forms)
 
 
 BENCHMARKS = {
+    # HellaSwag's second form, `ctx` without `ctx_a`/`ctx_b`, is that of copies that kept only the
+    # joined context, such as ../shared/data/eval/hellaswag_val.jsonl.xz (see hellaswag_item).
     "hellaswag": Benchmark("HellaSwag", "Rowan/hellaswag", None, "validation",
-                           ("activity_label", "ctx_a", "ctx_b", "endings", "label"), "--hellaswag"),
-    "lambada": Benchmark("LAMBADA", "EleutherAI/lambada_openai", "default", "test", ("text",), "--lambada"),
+                           (("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+                            ("activity_label", "ctx", "endings", "label")), "--hellaswag"),
+    "lambada": Benchmark("LAMBADA", "EleutherAI/lambada_openai", "default", "test", (("text",),), "--lambada"),
     "wikitext": Benchmark("WikiText", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test",
-                          ("page",), "--wikitext"),
+                          (("page",),), "--wikitext"),
 }
+
+# What `datasets` decompresses by itself when it builds a dataset from a local file.
+COMPRESSED = (".gz", ".xz", ".bz2")
 
 # Held-out text by default: FineWeb-Edu documents that configs/gpt2-small.yaml holds out by hash
 # (hf_gpt.data.in_holdout), so the home-trained model never saw them.
@@ -45,22 +55,26 @@ DEFAULT_TEXT = {"name": "HuggingFaceFW/fineweb-edu", "config": "sample-10BT", "s
 def load_benchmark(task: str, file: str | None = None, limit: int | None = None) -> tuple[list[dict], dict]:
     """The task's records (the first `limit`) and a description of where they came from.
 
-    A local `file` is JSON Lines with the Hub dataset's fields; for WikiText a .txt file is also
-    taken, as a single page.
+    A local `file` is JSON Lines with the Hub dataset's fields, plain or compressed (.gz, .xz, .bz2);
+    for WikiText also WikiText's own .raw file, split into pages as the Hub dataset is, or a .txt file,
+    taken as a single page.
     """
     spec = BENCHMARKS[task]
     if file:
         path = Path(file)
         if not path.is_file():
             raise UserError(f"{spec.title}: file not found: {file}")
-        if task == "wikitext" and path.suffix in (".txt", ".raw"):
-            records = [{"page": path.read_text(encoding="utf-8")}]
-        else:
-            try:
+        suffix = _format_suffix(path)
+        as_text = task == "wikitext" and suffix in (".txt", ".raw")
+        try:  # `datasets` decompresses .gz/.xz/.bz2 files itself
+            if as_text:
+                text = load_dataset("text", data_files=str(path), split="train", sample_by="document")[0]["text"]
+                records = [{"page": page} for page in (wikitext_pages(text) if suffix == ".raw" else [text])]
+            else:
                 records = list(load_dataset("json", data_files=str(path), split="train"))
-            except Exception as e:
-                raise UserError(f"{spec.title}: {file} is not JSON Lines: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        except Exception as e:
+            raise UserError(f"{spec.title}: {file} could not be read as {'text' if as_text else 'JSON Lines'}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         source = {"file": str(path)}
     else:
         try:
@@ -68,17 +82,24 @@ def load_benchmark(task: str, file: str | None = None, limit: int | None = None)
         except Exception as e:  # offline, moved, gated: one line that says what to do instead
             raise UserError(f"{spec.title}: the Hub dataset {spec.path} ({spec.name or 'default'}, {spec.split}) "
                             f"could not be loaded ({type(e).__name__}); pass a local copy with {spec.option} "
-                            f"FILE.jsonl (one record per line with fields: {', '.join(spec.fields)})") from None
+                            f"FILE.jsonl (one record per line with fields: {spec.expected})") from None
         source = {"source": spec.path, "config": spec.name, "split": spec.split}
     records = records[:limit] if limit else records
     for i, record in enumerate(records):
-        missing = [f for f in spec.fields if f not in record]
-        if missing:
-            raise UserError(f"{spec.title}: record {i + 1} of {file or spec.path} has no field "
-                            f"{', '.join(missing)} (expected: {', '.join(spec.fields)})")
+        # A JSON Lines file gets one set of columns for all its records: a field a record lacks reads None.
+        if not any(all(record.get(f) is not None for f in form) for form in spec.forms):
+            raise UserError(f"{spec.title}: record {i + 1} of {file or spec.path} lacks fields "
+                            f"(has: {', '.join(f for f in record if record[f] is not None) or 'none'}; "
+                            f"expected: {spec.expected})")
     if not records:
         raise UserError(f"{spec.title}: no records in {file or spec.path}")
     return records, {**source, "items": len(records)}
+
+
+def _format_suffix(path: Path) -> str:
+    """The suffix that names a file's format, under any compression: foo.jsonl.gz -> .jsonl,
+    wiki.test.raw -> .raw."""
+    return path.with_suffix("").suffix if path.suffix in COMPRESSED else path.suffix
 
 
 def text_documents(name: str, *, config: str = "", split: str = "train", column: str = "text",
@@ -122,8 +143,17 @@ def _hellaswag_clean(text: str) -> str:
 
 
 def hellaswag_item(doc: dict) -> tuple[str, list[str], int]:
-    """(context, endings, gold index): the activity label, then the context, then one of the endings."""
-    context = _hellaswag_clean(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
+    """(context, endings, gold index): the activity label, then the context, then one of the endings.
+
+    With ctx_a/ctx_b, lm-eval's context. A record with only `ctx` gets it as it is: in HellaSwag `ctx`
+    is ctx_a + " " + ctx_b, ctx_b not capitalised ("A man is sitting on a roof. he"), and where ctx_b
+    began cannot be told from it, so that fragment stays lower case where lm-eval capitalises it.
+    """
+    if doc.get("ctx_a") is not None:
+        ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    else:
+        ctx = doc["ctx"]
+    context = _hellaswag_clean(doc["activity_label"] + ": " + ctx)
     return context, [_hellaswag_clean(ending) for ending in doc["endings"]], int(doc["label"])
 
 
@@ -131,6 +161,24 @@ def lambada_pair(text: str) -> tuple[str, str]:
     """(passage without its last word, " " + last word), split on single spaces as lm-eval does."""
     words = text.split(" ")
     return " ".join(words[:-1]), " " + words[-1]
+
+
+def wikitext_pages(text: str) -> list[str]:
+    """A WikiText .raw/.tokens file cut into articles, as EleutherAI/wikitext_document_level (the
+    dataset lm-eval's `wikitext` task reads) cuts it: `_generate_examples` of its builder script,
+    huggingface.co/datasets/EleutherAI/wikitext_document_level/blob/main/wikitext_document_level.py.
+    A page starts at a title line " = Title = "; section headings " = = Section = = " and table
+    lines that merely start with " = " (" = National record ") do not start one. Lines are kept as
+    they are; text before the first title is a page only if it is more than white space."""
+    pages, lines = [], []
+    for line in text.split("\n"):
+        heading = line.replace("= = =", "===").replace("= =", "==").strip()
+        if heading.startswith("= ") and heading.endswith(" ="):
+            if "\n".join(lines).strip():
+                pages.append("\n".join(lines))
+            lines = []
+        lines.append(line)
+    return [*pages, "\n".join(lines)]
 
 
 def wikitext_detokenize(page: str) -> str:

@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"Comma-separated, from {','.join(TASKS)}. 'auto' (default): the tasks whose data you "
                         "passed as files, plus generate; all of them (data from the Hub) when you passed none.")
     p.add_argument("--limit", type=int, help="At most N items (documents) per task, for a quick run.")
-    d = p.add_argument_group("data: a local file instead of the Hub dataset lm-eval uses")
+    d = p.add_argument_group("data: a local file instead of the Hub dataset lm-eval uses",
+                             "The --hellaswag, --lambada and --wikitext files may be compressed (.gz, .xz, .bz2).")
     d.add_argument("--text", help=f"Held-out text: a file (.txt is one document; .jsonl/.parquet: --text-column), "
                                   f"a folder, or a Hub dataset id. Default: {DEFAULT_TEXT['name']} "
                                   f"({DEFAULT_TEXT['config']}), the documents the gpt2-small recipe holds out.")
@@ -43,10 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"Default: 0 (all) for --text, {DEFAULT_TEXT['holdout']} for the default text.")
     d.add_argument("--text-docs", type=int, default=100, help="Number of held-out documents (default 100).")
     d.add_argument("--hellaswag", help="JSON Lines with Rowan/hellaswag's fields (activity_label, ctx_a, ctx_b, "
-                                       "endings, label).")
+                                       "endings, label), or with ctx in place of ctx_a and ctx_b.")
     d.add_argument("--lambada", help="JSON Lines with EleutherAI/lambada_openai's field 'text'.")
-    d.add_argument("--wikitext", help="JSON Lines with EleutherAI/wikitext_document_level's field 'page', "
-                                      "or a .txt file (one page).")
+    d.add_argument("--wikitext", help="JSON Lines with EleutherAI/wikitext_document_level's field 'page'; "
+                                      "a WikiText .raw file (wiki.test.raw), split into articles as that "
+                                      "dataset splits it; or a .txt file (one page).")
     g = p.add_argument_group("samples")
     g.add_argument("--prompts", help="Text file, one prompt per line (default: five fixed prompts).")
     g.add_argument("--max-new-tokens", type=int, default=40)

@@ -8,7 +8,9 @@ known exactly, so every expected figure is worked out by hand:
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import math
 import re
 
@@ -17,7 +19,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import run_script
-from hf_gpt.benchmarks import hellaswag_item, run_hellaswag, run_lambada, run_wikitext, wikitext_detokenize
+from hf_gpt.benchmarks import (hellaswag_item, load_benchmark, run_hellaswag, run_lambada, run_wikitext,
+                               wikitext_detokenize)
 from hf_gpt.compare import resolve_tasks
 from hf_gpt.config import UserError
 from hf_gpt.evaluation import (encode_pair, generate, heldout_loss, load_model, loglikelihood, rolling_windows)
@@ -120,6 +123,65 @@ def test_hellaswag_text_is_cleaned_as_lm_eval():
     doc = {"activity_label": "Pets", "ctx_a": "A man [header] walks.", "ctx_b": "he",
            "endings": ["sits [title] down."], "label": "0"}
     assert hellaswag_item(doc) == ("Pets: A man walks. He", ["sits. down."], 0)
+
+
+def write_jsonl(path, records: list[dict]):
+    """JSON Lines, compressed as the file name says (.xz, .gz) or plain."""
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    return path
+
+
+def test_hellaswag_ctx_form_compressed_scores_as_ctx_a_ctx_b(tmp_path, tokenizer):
+    endings = ["cat", "elephant", "dog", "mouse"]
+    split = [("A keeper feeds the animals.", "the zoo has a", "0"), ("A man [header] walks his dog.", "he", "2"),
+             ("The zoo has an elephant.", "", "1")]  # Rowan/hellaswag's form: labels are strings, ctx_b lower case
+    split_docs = [{"activity_label": "Zoo", "ctx_a": a, "ctx_b": b, "endings": endings, "label": label}
+                  for a, b, label in split]
+    # The other form keeps only ctx; built with ctx_b capitalised, it must give lm-eval's context exactly.
+    joined_docs = [{"ind": i, "activity_label": "Zoo", "ctx": a + " " + b.capitalize(), "endings": endings,
+                    "label": int(label)} for i, (a, b, label) in enumerate(split)]
+    torch.manual_seed(0)  # a model that reads its input, so the contexts count
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1,
+                                       n_head=2)).eval()
+    reference, _ = load_benchmark("hellaswag", str(write_jsonl(tmp_path / "split.jsonl", split_docs)))
+    expected = run_hellaswag(model, tokenizer, reference)
+    for name in ("hellaswag_val.jsonl.xz", "hellaswag_val.jsonl.gz"):
+        docs, description = load_benchmark("hellaswag", str(write_jsonl(tmp_path / name, joined_docs)))
+        assert description["items"] == 3
+        assert [hellaswag_item(d) for d in docs] == [hellaswag_item(d) for d in reference]
+        assert run_hellaswag(model, tokenizer, docs) == expected
+
+
+def test_hellaswag_record_of_neither_form_is_one_line_error(tmp_path):
+    path = write_jsonl(tmp_path / "hs.jsonl.gz", [
+        {"activity_label": "Zoo", "ctx": "The zoo has a", "endings": ["cat"], "label": 0},
+        {"activity_label": "Zoo", "context": "The zoo has a", "endings": ["cat"], "label": 0}])
+    with pytest.raises(UserError, match=r"record 2 of .*hs\.jsonl\.gz .*expected: activity_label, ctx_a, ctx_b, "
+                                        r"endings, label; or activity_label, ctx, endings, label") as e:
+        load_benchmark("hellaswag", str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_wikitext_raw_file_is_split_into_articles_as_the_hub_dataset(tmp_path):
+    articles = [" = Valkyria Chronicles = \n \n The game began development in 2010 . \n \n"
+                " = = Gameplay = = \n \n Players take control of a squad . \n \n"
+                " = = = Plot = = = \n \n The story follows Kurt . \n \n",
+                " = Tower Building = \n \n The tower stands 40 m tall . \n \n",
+                # a table's legend line starts with " = " but is no title
+                " = Athletics at the Games = \n \n = National record \n \n"
+                " = = Results = = \n \n Smith won in 10 @.@ 2 s . \n"]
+    text = " \n" + "".join(articles)  # WikiText's files open with a blank line, which joins no page
+    (tmp_path / "wiki.test.raw").write_text(text, encoding="utf-8")
+    (tmp_path / "wiki.test.raw.xz").write_bytes(lzma.compress(text.encode("utf-8")))
+    for name in ("wiki.test.raw", "wiki.test.raw.xz"):
+        pages, description = load_benchmark("wikitext", str(tmp_path / name))
+        # Each page runs from its title to the line before the next title; the newline between them goes.
+        assert [p["page"] for p in pages] == [a[:-1] for a in articles[:-1]] + [articles[-1]]
+        assert description["items"] == 3
+    (tmp_path / "notes.txt").write_text(text, encoding="utf-8")  # any other text file is one page
+    assert load_benchmark("wikitext", str(tmp_path / "notes.txt"))[0] == [{"page": text}]
 
 
 def test_lambada_by_hand(unigram_dir):
