@@ -37,3 +37,16 @@ def test_every_shipped_recipe_parses():
     for recipe in pretrain:
         load_config(PretrainConfig, ["--config", str(recipe)])
         assert read_yaml(recipe, PretrainConfig)
+
+
+def test_a_recipe_with_a_token_budget_trains_for_it():
+    """max_steps wins over max_tokens, and PretrainConfig's default of 400 steps is the quick offline run's:
+    a recipe that names a token budget must set max_steps 0, or it quietly stops after 400 steps."""
+    from pathlib import Path
+
+    for recipe in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        if recipe.name.startswith(("sft", "lora")):
+            continue
+        cfg = load_config(PretrainConfig, ["--config", str(recipe)])
+        if cfg.max_tokens:
+            assert cfg.max_steps == 0, recipe.name
