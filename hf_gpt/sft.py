@@ -95,6 +95,9 @@ class SFTConfig(TrainConfig):
     # Test split: replies, ROUGE-L and an optional LLM judge.
     max_new_tokens: int = 256
     generation_batch_size: int = 32
+    base_replies: int = field(default=5, metadata={
+        "help": "The base model also answers the first N test prompts (same template, greedy), beside the tuned "
+                "model's replies in test_responses.jsonl: what tuning changed."})
     judge_url: str = field(default="", metadata={"help": "OpenAI-compatible endpoint, e.g. http://localhost:11434/v1 (Ollama)."})
     judge_model: str = field(default="", metadata={"help": "The judge's model name on that endpoint, e.g. llama3."})
     # Engine defaults changed for fine-tuning.
@@ -556,6 +559,18 @@ def answer_test_split(model, tokenizer, chats: list[list[dict]], cfg: SFTConfig,
     scores = score_rows(rows, cfg.judge_url, cfg.judge_model)
     write_jsonl(rows, path)
     return scores
+
+
+def add_base_replies(base_model, tokenizer, chats: list[list[dict]], cfg: SFTConfig, path: Path) -> None:
+    """The base model's greedy replies to the first test chats, prompted through the tuned model's template
+    (the same tokens), added to their rows in `path` as base_response."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [chat_prompt_ids(tokenizer, chat[:-1]) for chat in chats]
+    replies = generate(base_model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                       batch_size=cfg.generation_batch_size)
+    for row, reply in zip(rows, replies):
+        row["base_response"] = reply.strip()
+    write_jsonl(rows, path)
 
 
 def add_to_summary(output_dir: Path, key: str, values: dict) -> None:

@@ -5,7 +5,8 @@
     python scripts/generate.py runs/sft/final --chat        # talk to it
 
 After training, the test split's replies go to <output_dir>/test_responses.jsonl with ROUGE-L, and with
-an LLM judge's 0-100 score when --judge_url and --judge_model name an OpenAI-compatible server.
+an LLM judge's 0-100 score when --judge_url and --judge_model name an OpenAI-compatible server; the first
+--base_replies test prompts also get the base model's reply (base_response), before beside after.
 """
 
 import sys
@@ -16,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from hf_gpt.config import load_config, run_cli  # noqa: E402
 from hf_gpt.engine import start_run, train  # noqa: E402
 from hf_gpt.generation import context_length, load_for_generation  # noqa: E402
-from hf_gpt.sft import (SFTConfig, SFTData, add_to_summary, answer_test_split, check_config,  # noqa: E402
-                        load_base_model, prepare_tokenizer, resolve_chat_template)
+from hf_gpt.sft import (SFTConfig, SFTData, add_base_replies, add_to_summary, answer_test_split,  # noqa: E402
+                        check_config, load_base_model, prepare_tokenizer, resolve_chat_template)
 from hf_gpt.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -40,7 +41,11 @@ def main():
     wrote = "final/ (Hub format, with the chat template), metrics.jsonl, loss.png, summary.json, config.yaml"
     if data.test:
         model, tokenizer = load_for_generation(str(result.final_dir), accelerator.device)
-        scores = answer_test_split(model, tokenizer, data.test, cfg, result.output_dir / "test_responses.jsonl")
+        replies = result.output_dir / "test_responses.jsonl"
+        scores = answer_test_split(model, tokenizer, data.test, cfg, replies)
+        if cfg.base_replies:
+            base, _ = load_for_generation(cfg.model, accelerator.device)
+            add_base_replies(base, tokenizer, data.test[:cfg.base_replies], cfg, replies)
         add_to_summary(result.output_dir, "test", scores)
         line = f"test: {scores['test_records']} replies, ROUGE-L {scores['rougeL']:.4f}"
         if "judge_score" in scores:

@@ -416,6 +416,13 @@ def test_sft_script_end_to_end(base_model, tmp_path, judge):
     assert [r["reference"] for r in replies] == [t["output"] for t in test_records]
     assert replies[0]["prompt"].startswith(PREAMBLE) and test_records[0]["instruction"] in replies[0]["prompt"]
     assert all(0 <= r["rougeL"] <= 1 and r["judge_score"] == 90 for r in replies)
+    # The base model answered the first prompts too, greedy through the same template: before beside after.
+    base = AutoModelForCausalLM.from_pretrained(base_model)
+    user = {"role": "user", "content": test_records[0]["instruction"], "input": test_records[0]["input"]}
+    prompt = torch.tensor([tokenizer.apply_chat_template([user], add_generation_prompt=True)["input_ids"]])
+    expected = base.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert replies[0]["base_response"] == tokenizer.decode(expected[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+    assert ["base_response" in r for r in replies] == [True] * 4  # base_replies 5 > 4 test records
     assert len(server.requests) == 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recipe"] == "sft" and summary["eval"]["val_loss"] > 0
