@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The English results of README.md and docs/results/english/, on a machine with two GPUs: the corrected
+# recipe (configs/english-124m.yaml) and the seed article's (configs/seed-3090.yaml pointed at the same
+# corpus, the same token budget) trained side by side, one GPU each; then the benchmark of the same
+# settings, SFT and LoRA of the corrected base, and both bases through scripts/compare.py.
+#
+#   cp -r ../shared/data/english ../shared/data/gpt2-tokenizer ../shared/data/instruction-data.json data/
+#   mkdir -p data/eval data/verdict && cp ../shared/data/eval/{hellaswag_val.jsonl.xz,lambada_test.jsonl,wiki.test.raw} data/eval/
+#   cp ../shared/data/the-verdict.txt data/verdict/
+#   bash scripts/english_results.sh runs/english-results
+set -u
+R=${1:-runs/english-results}
+mkdir -p "$R"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+L="accelerate launch --config_file accelerate_config.yaml"
+step() { echo "== $(date -u +%H:%M:%S) $*"; }
+
+corrected() {
+  export CUDA_VISIBLE_DEVICES=0
+  step pretrain corrected
+  $L scripts/pretrain.py --config configs/english-124m.yaml --output_dir runs/english-124m
+  step benchmark, the same settings: real data, then random tokens
+  python3 scripts/benchmark.py --config configs/english-124m.yaml --data config --output_dir /tmp/bench-config
+  python3 scripts/benchmark.py --config configs/english-124m.yaml --data random --output_dir /tmp/bench-random
+  step sft
+  # The recipe in bf16; if it diverges (the engine stops with one line), once more in float32.
+  $L scripts/sft.py --config configs/sft.yaml --model runs/english-124m/final --data data/instruction-data.json \
+      --output_dir runs/english-sft \
+    || $L scripts/sft.py --config configs/sft.yaml --model runs/english-124m/final --data data/instruction-data.json \
+      --output_dir runs/english-sft-fp32 --mixed_precision no
+  step lora
+  $L scripts/lora.py --config configs/lora.yaml --model runs/english-124m/final --writing data/verdict/the-verdict.txt \
+      --split_paragraphs true --epochs 10 --learning_rate 1e-3 --output_dir runs/english-verdict
+}
+
+seed() {
+  export CUDA_VISIBLE_DEVICES=1
+  step pretrain seed
+  # The article's recipe, the same corpus and token budget; compiled only for speed (the same arithmetic),
+  # evaluated every 1,067 steps = 6.6M tokens, as the corrected run every 25 steps.
+  $L scripts/pretrain.py --config configs/seed-3090.yaml --dataset data/english --tokenizer data/gpt2-tokenizer \
+      --max_tokens 104857600 --compile true --eval_every 1067 --eval_batches 0 --save_every 0 \
+      --output_dir runs/seed-english
+}
+
+corrected > "$R/corrected.log" 2>&1 &
+seed > "$R/seed.log" 2>&1 &
+wait
+step compare >> "$R/corrected.log"
+CUDA_VISIBLE_DEVICES=0 python3 scripts/compare.py runs/english-124m/final runs/seed-english/final \
+    --text data/english/validation.parquet --text-docs 1000 --hellaswag data/eval/hellaswag_val.jsonl.xz \
+    --lambada data/eval/lambada_test.jsonl --wikitext data/eval/wiki.test.raw --batch-size 32 \
+    --out "$R/compare" > "$R/compare.log" 2>&1
+step done >> "$R/corrected.log"
+touch "$R/DONE"
