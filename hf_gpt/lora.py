@@ -531,7 +531,7 @@ def report_markdown(report: dict) -> str:
 def samples_markdown(cfg: LoraRunConfig, samples: dict) -> str:
     lines = ["# PRIVATE: samples from models trained on your writing", "",
              "Generated text can repeat your writing word for word. Keep this file local; never commit or push it.",
-             f"Greedy continuations, {cfg.sample_tokens} new tokens.", ""]
+             f"Sampled continuations (temperature 0.8, top-k 40, a fixed seed), {cfg.sample_tokens} new tokens.", ""]
     for i, prompt in enumerate(cfg.report_prompts):
         lines += [f"## {prompt!r}", ""]
         for name, texts in samples.items():

@@ -1,0 +1,56 @@
+"""Validation loss of several runs on one chart, against tokens seen (from each run's metrics.jsonl).
+
+    python scripts/plot_curves.py runs/english-124m runs/seed-english --out curves.png
+    python scripts/plot_curves.py runs/a runs/b --labels "ours" "the article's" --out curves.png
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
+
+from hf_gpt.config import UserError, run_cli  # noqa: E402
+from hf_gpt.metrics_log import MetricsLog  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="Run folders (each with metrics.jsonl).")
+    parser.add_argument("--labels", nargs="+", help="One label per run (default: the folder names).")
+    parser.add_argument("--out", default="curves.png")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args()
+    labels = args.labels or [Path(r).name for r in args.runs]
+    if len(labels) != len(args.runs):
+        raise UserError(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
+    curves = {}
+    for run, label in zip(args.runs, labels):
+        rows = MetricsLog(Path(run) / "metrics.jsonl").rows()
+        points = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if not points:
+            raise UserError(f"{run}: no validation rows in metrics.jsonl")
+        curves[label] = points
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, also on machines without a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2 + 0.25 * len(curves)))
+    for label, points in curves.items():
+        tokens, losses = zip(*points)
+        ax.plot([t / 1e6 for t in tokens], losses, "o-", markersize=3, label=label)
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("validation loss (nats/token)")
+    if args.title:
+        ax.set_title(args.title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)  # below: curves fill the plot
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
