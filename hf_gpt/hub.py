@@ -15,6 +15,8 @@ What happens, in order, so that the cheap failures come first:
 
 LoRA runs are trained on a person's own writing: their repos are private unless `private=False`, their
 card carries counts only (no text, no prompts, no data paths), and only model and tokenizer files go up.
+A LoRA folder says so itself (provenance.json, written when it is saved), so a copy of it anywhere is
+treated the same; a folder with neither that nor its run's summary.json is private by default too.
 Anything the user can fix is a `UserError`: one line, exit code 2 through `run_cli`.
 """
 
@@ -39,6 +41,9 @@ except ImportError:
     from httpx import TransportError
 
 REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+# Written into a LoRA run's adapter/ and merged/ folders: the recipe that made them travels with the folder,
+# where ../summary.json does not. It stays on the machine (not in PERSONAL_RUN_FILES).
+PROVENANCE_FILE = "provenance.json"
 # Only these leave the folder of a personal (LoRA) run: whatever else may be kept there (samples, notes) stays.
 PERSONAL_RUN_FILES = ["adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json",
                       "model*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
@@ -71,6 +76,7 @@ class FolderInfo:
     path: Path
     kind: str  # "model" (config.json) | "adapter" (adapter_config.json)
     summary: dict = field(default_factory=dict)  # ../summary.json of the run; {} for a plain folder
+    provenance: dict = field(default_factory=dict)  # the folder's own provenance.json; {} when it has none
     config: dict = field(default_factory=dict)  # ../config.yaml of the run
     model_config: dict = field(default_factory=dict)  # config.json (a model's)
     adapter_config: dict = field(default_factory=dict)  # adapter_config.json (an adapter's)
@@ -80,7 +86,9 @@ class FolderInfo:
 
     @property
     def recipe(self) -> str:
-        return self.summary.get("recipe") or ("lora" if self.kind == "adapter" else "")
+        # The folder's own record first: a LoRA folder copied into another run's folder is still personal.
+        return (self.provenance.get("recipe") or self.summary.get("recipe")
+                or ("lora" if self.kind == "adapter" else ""))
 
     @property
     def recorded_base(self) -> str | None:
@@ -93,8 +101,10 @@ class FolderInfo:
         return self.recipe == "lora"
 
     def visibility(self, private: bool | None) -> bool | None:
-        """What to ask the Hub for: the caller's choice, else private for personal runs, else the Hub's default."""
-        return True if private is None and self.personal else private
+        """What to ask the Hub for: the caller's choice; else private for personal runs and for folders that do
+        not say where they come from (a private repo is made public in one click; a public one may already
+        have been copied); else the Hub's default."""
+        return True if private is None and (self.personal or not self.recipe) else private
 
     def upload_patterns(self) -> dict:
         return {"allow_patterns": PERSONAL_RUN_FILES if self.personal else None,
@@ -127,6 +137,8 @@ def read_folder(folder: str | Path) -> FolderInfo:
             info.summary = _mapping(json.loads((path.parent / "summary.json").read_text()))
         if (path.parent / "config.yaml").is_file():
             info.config = _mapping(yaml.safe_load((path.parent / "config.yaml").read_text()))
+        if (path / PROVENANCE_FILE).is_file():
+            info.provenance = _mapping(json.loads((path / PROVENANCE_FILE).read_text()))
         info.model_config = json.loads((path / "config.json").read_text()) if kind == "model" else {}
         info.adapter_config = json.loads((path / "adapter_config.json").read_text()) if kind == "adapter" else {}
     except (json.JSONDecodeError, yaml.YAMLError) as e:
@@ -136,6 +148,14 @@ def read_folder(folder: str | Path) -> FolderInfo:
 
 def _mapping(value) -> dict:
     return value if isinstance(value, dict) else {}
+
+
+def mark_personal(folder: Path) -> None:
+    """Record in `folder` that it was trained on someone's writing, for push_folder to read wherever it is copied."""
+    (folder / PROVENANCE_FILE).write_text(json.dumps({
+        "recipe": "lora",
+        "note": "Trained on someone's own writing: hf-gpt pushes this folder to a private repo unless told "
+                "--public, and uploads only its model and tokenizer files. Keep this file with the folder."}, indent=2))
 
 
 def check_folder(info: FolderInfo) -> None:
@@ -497,6 +517,9 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None
     check_names(repo_id, base_model)
     info = read_folder(folder)
     row = results_row(results, info.path) if results else None
+    if private is None and not info.recipe:
+        print(f"note: {info.path} does not say how it was made (no provenance.json, no summary.json next to it): "
+              "pushing it private; pass --public to publish it")
     private = info.visibility(private)
     token = token or get_token()
     if not token:

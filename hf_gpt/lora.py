@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
 
@@ -29,6 +30,7 @@ from .config import TrainConfig, UserError
 from .data import PackedBatches, positions_from_eos
 from .engine import accumulation_steps, evaluate, sample, start_run, train
 from .evaluation import token_byte_lengths
+from .hub import mark_personal
 from .model import attention_name
 from .tokenizer import load_tokenizer
 
@@ -37,6 +39,14 @@ GPT2_CONV1D = ["c_attn", "c_proj", "c_fc"]
 # General text (behaviour without the trigger) is measured on this many blocks of it.
 GENERAL_BLOCKS = 16
 SAMPLES_FILE = "samples.private.md"
+# Bounds on what a run reads, so that memory stays bounded and a mistake is refused, not trained on for days.
+# All .txt/.md files together: this recipe is for one person's writing, not a corpus (64 MB is ~10M words).
+MAX_WRITING_BYTES = 64_000_000
+# One document (a file, or a paragraph with --split_paragraphs): tokenizing one string takes ~150 times its
+# size in memory (a 50 MB line took 7 GB), and held-out documents are whole ones.
+MAX_DOCUMENT_CHARS = 1_000_000
+# Steps that --epochs may set by itself; a longer run needs --max_steps or --max_tokens, given on purpose.
+MAX_EPOCH_STEPS = 10_000
 
 
 @dataclass
@@ -92,18 +102,26 @@ class Writing:
 def read_writing(path: str, split_paragraphs: bool = False) -> Writing:
     """Every .txt/.md file under `path` (or `path` itself) as a document, in path order, exact duplicates
     removed. Hidden files and folders, other kinds of file, binary, non-UTF-8 and empty files are
-    skipped and counted by reason."""
+    skipped and counted by reason. More than MAX_WRITING_BYTES in all, or a document longer than
+    MAX_DOCUMENT_CHARS, is refused."""
     root = Path(path).expanduser()
     if not root.exists():
         raise UserError(f"writing not found: {path}")
-    writing, seen = Writing([]), set()
+    writing, seen, room = Writing([]), set(), MAX_WRITING_BYTES
     for file in _files(root, writing.skipped):
-        reason, text = _read_text(file)
+        reason, text, size = _read_text(file, room)
+        room -= size
         if reason:
             writing.skipped[reason] += 1
             continue
         writing.files += 1
         for doc in _paragraphs(text) if split_paragraphs else [text]:
+            if len(doc) > MAX_DOCUMENT_CHARS:
+                raise UserError(f"{file}: " + (
+                    f"a paragraph of {len(doc):,} characters, longer than the {MAX_DOCUMENT_CHARS:,} a document "
+                    "may have: break it up with blank lines" if split_paragraphs else
+                    f"{len(doc):,} characters in one document (each file is one), longer than the "
+                    f"{MAX_DOCUMENT_CHARS:,} a document may have: pass --split_paragraphs to make each paragraph one"))
             if doc in seen:
                 writing.skipped["duplicate"] += 1
             else:
@@ -128,24 +146,28 @@ def _files(root: Path, skipped: Counter):
             yield Path(folder) / name
 
 
-def _read_text(file: Path) -> tuple[str, str]:
-    """(reason to skip, "") or ("", the text)."""
+def _read_text(file: Path, room: int) -> tuple[str, str, int]:
+    """(reason to skip, "", bytes read) or ("", the text, bytes read); more than `room` bytes is refused."""
     if file.name.startswith("."):
-        return "hidden", ""
+        return "hidden", "", 0
     if file.suffix.lower() not in TEXT_SUFFIXES:
-        return "not .txt/.md", ""
+        return "not .txt/.md", "", 0
     try:
-        data = file.read_bytes()
+        with file.open("rb") as f:
+            data = f.read(room + 1)  # never more than the limit, whatever the file's size (+1: to see it is over)
     except OSError:
-        return "unreadable", ""
+        return "unreadable", "", 0
+    if len(data) > room:
+        raise UserError(f"writing: more than {MAX_WRITING_BYTES / 1e6:g} MB of .txt/.md files (reached at {file}); "
+                        "this recipe is for one person's writing: train on a part of it")
     if b"\x00" in data:  # text never holds NUL bytes; images, archives and UTF-16 files do
-        return "binary", ""
+        return "binary", "", len(data)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        return "not UTF-8", ""
+        return "not UTF-8", "", len(data)
     text = text.replace("\r\n", "\n").strip()
-    return ("empty", "") if not text else ("", text)
+    return ("empty", "", len(data)) if not text else ("", text, len(data))
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -262,12 +284,19 @@ def heldout_batches(cfg: LoraRunConfig, heldout_ids: list[list[int]], eos: int, 
 # Model: base, trigger token, PEFT wrapping
 
 
-def load_base_model(cfg: LoraRunConfig):
+def base_model_name(model: str) -> str:
+    """A local base as an absolute path, a Hub id as it is: PEFT records the name the base was loaded by
+    in adapter_config.json, and AutoPeftModelForCausalLM must find it from any working directory."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def load_base_model(cfg: LoraRunConfig, name: str):
     from transformers import AutoModelForCausalLM
 
     try:
         # fp32 weights as in pretraining (mixed precision is Accelerate's autocast), so the merge is exact.
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
                                                      attn_implementation=attention_name(cfg.attn_implementation))
     except Exception as e:  # missing folder, offline Hub, bad weights: one line each
         raise UserError(f"model '{cfg.model}' could not be loaded: {type(e).__name__}: "
@@ -318,6 +347,7 @@ def save_merged(peft_model, tokenizer, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    mark_personal(tmp)  # nothing in a plain model says it learnt someone's writing: the folder must
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
@@ -404,30 +434,57 @@ def check_config(cfg: LoraRunConfig) -> None:
         raise UserError("r 0 trains the trigger token alone: set --trigger_token too")
 
 
+def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids, one document at a time: the tokenizer's full output (offsets, token strings) for all of
+    them at once takes ~40 times the text's size in memory, the ids alone ~10."""
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
+def plan_steps(cfg: LoraRunConfig, counts: dict, num_processes: int) -> str:
+    """Set max_steps from --epochs when no length is given, refusing more than MAX_EPOCH_STEPS; returns the
+    one line that says what the run will cost."""
+    per_micro = cfg.micro_batch_size * cfg.block_size
+    per_step = per_micro * accumulation_steps(cfg, per_micro, num_processes) * num_processes
+    # A pass over the training documents: each one after its EOS (and the trigger), as WritingData lays them out.
+    epoch = counts["train_tokens"] + counts["train_documents"] * (2 if cfg.trigger_token else 1)
+    if cfg.max_steps or cfg.max_tokens:
+        steps = cfg.max_steps or cfg.max_tokens // per_step  # as the engine counts them
+        length = f"--max_steps {cfg.max_steps}" if cfg.max_steps else f"--max_tokens {cfg.max_tokens:,}"
+    else:
+        steps = max(1, math.ceil(cfg.epochs * epoch / per_step))
+        if steps > MAX_EPOCH_STEPS:
+            raise UserError(f"{cfg.epochs:g} epochs of {counts['train_tokens']:,} tokens take {steps:,} steps of "
+                            f"{per_step:,} tokens, more than the {MAX_EPOCH_STEPS:,} --epochs may set: pass "
+                            "--max_steps to train that long on purpose, or train on less writing")
+        cfg.max_steps = steps
+        length = f"{cfg.epochs:g} epochs"
+    return (f"cost: {counts['train_documents']} documents to train on ({counts['train_tokens']:,} tokens), "
+            f"{counts['heldout_documents']} held out ({counts['heldout_tokens']:,} tokens); {length}: "
+            f"{steps:,} steps of {per_step:,} tokens ({steps * per_step:,} tokens, {steps * per_step / epoch:.1f} "
+            "passes over the training documents)")
+
+
 def run_lora(cfg: LoraRunConfig) -> dict | None:
     """Train the adapter; on the main process return the report (None elsewhere, or when stopped early)."""
     check_config(cfg)
-    # The writing first: a folder with nothing to learn from stops the run before it creates anything.
+    # What can refuse the run comes before it creates anything: the writing, the tokenizer, the run's length.
     writing = read_writing(cfg.writing, cfg.split_paragraphs)
     train_texts, heldout_texts = split_documents(writing.documents, cfg.holdout_fraction)
-    accelerator = start_run(cfg)
-    main = accelerator.is_main_process
     tokenizer = load_tokenizer(cfg.model)
-    model = load_base_model(cfg)
     eos = tokenizer.eos_token_id
-
-    def tokenize(texts):
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
     # Tokenized before the trigger exists: the writing's own characters never become the trigger.
-    train_ids, heldout_ids = tokenize(train_texts), tokenize(heldout_texts)
+    train_ids, heldout_ids = tokenize(tokenizer, train_texts), tokenize(tokenizer, heldout_texts)
     counts = {"files_read": writing.files, "documents": len(writing.documents), "skipped": dict(writing.skipped),
               "split_paragraphs": cfg.split_paragraphs,
               "train_documents": len(train_ids), "train_tokens": sum(map(len, train_ids)),
               "heldout_documents": len(heldout_ids), "heldout_tokens": sum(map(len, heldout_ids))}
-    accelerator.print(f"writing: {writing.describe()}; {counts['train_documents']} to train on "
-                      f"({counts['train_tokens']:,} tokens), {counts['heldout_documents']} held out "
-                      f"({counts['heldout_tokens']:,} tokens)")
+    state = PartialState()  # the processes, before start_run's Accelerator (which shares this state)
+    state.print(f"writing: {writing.describe()}")
+    state.print(plan_steps(cfg, counts, state.num_processes))
+    accelerator = start_run(cfg)
+    main = accelerator.is_main_process
+    base = base_model_name(cfg.model)
+    model = load_base_model(cfg, base)
 
     meter = Meter(cfg, accelerator, tokenizer, model.config.vocab_size)
     before = {}
@@ -440,17 +497,14 @@ def run_lora(cfg: LoraRunConfig) -> dict | None:
     trigger_id = add_trigger_token(tokenizer, model, cfg.trigger_token) if cfg.trigger_token else None
     model = wrap_model(cfg, model, trigger_id)
     data = WritingData(cfg, train_ids, heldout_ids, eos, trigger_id)
-    if not (cfg.max_steps or cfg.max_tokens):
-        per_micro = cfg.micro_batch_size * cfg.block_size
-        per_step = per_micro * accumulation_steps(cfg, per_micro, accelerator.num_processes) * accelerator.num_processes
-        cfg.max_steps = max(1, math.ceil(cfg.epochs * sum(map(len, data.train_documents)) / per_step))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    accelerator.print(f"adapter: {trainable:,} trainable parameters; {cfg.max_steps} steps")
+    accelerator.print(f"adapter: {trainable:,} trainable parameters")
 
     result = train(cfg, model, tokenizer, data, accelerator, final_name="adapter",
-                   info={"recipe": "lora", "base_model": cfg.model, "datasets": [], "writing": counts})
+                   info={"recipe": "lora", "base_model": base, "datasets": [], "writing": counts})
     if result.stopped_early or not main:
         return None
+    mark_personal(result.final_dir)  # the engine wrote adapter/; copied anywhere, it still says what it learnt
 
     heldout = {"base": before["heldout"],
                "adapted": meter.perplexity(model, data.heldout(False, accelerator.num_processes))}
@@ -459,7 +513,7 @@ def run_lora(cfg: LoraRunConfig) -> dict | None:
         heldout["adapted_with_trigger"] = meter.perplexity(model, data.heldout(True, accelerator.num_processes))
         samples["adapted_with_trigger"] = meter.samples(model, cfg.trigger_token)
     report = {
-        "base_model": cfg.model,
+        "base_model": base,
         "writing": counts,
         "adapter": {"method": "lora" if cfg.r else "trigger token only", "r": cfg.r, "alpha": cfg.alpha,
                     "lora_dropout": cfg.lora_dropout, "target_modules": list(cfg.target_modules) if cfg.r else [],

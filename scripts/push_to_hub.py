@@ -7,7 +7,8 @@
     python scripts/push_to_hub.py runs/gpt2-small/final --repo me/my-gpt2 --dry_run   # card only, no upload
 
 The folder is loaded first (transformers, or PEFT for an adapter); README.md is written into it from the
-run's summary.json and config.yaml next to it. docs/hub.md has the details.
+run's summary.json and config.yaml next to it. A LoRA folder (its provenance.json says so, wherever it is)
+and a folder with no record of how it was made go to a private repo unless --public. docs/hub.md has the details.
 """
 
 import argparse
@@ -27,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     visibility = p.add_mutually_exclusive_group()
     visibility.add_argument("--private", action="store_true", help="Make a new repo private.")
     visibility.add_argument("--public", action="store_true",
-                            help="Make a new repo public, even for a LoRA run (private by default: personal data).")
+                            help="Make a new repo public, even for a LoRA run (private by default: personal data) "
+                                 "or a folder that does not say where it comes from (private by default).")
     p.add_argument("--revision", help="Branch to push to; made from main when it does not exist.")
     p.add_argument("--create_pr", action="store_true", help="Open a pull request against main instead of pushing.")
     p.add_argument("--results", help="results.json of scripts/compare.py: its row for this folder goes into the "

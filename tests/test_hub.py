@@ -212,6 +212,36 @@ def test_personal_run_goes_to_a_public_repo_only_when_asked(runs, hub, tmp_path)
     assert repo.refs["refs/pr/1"]["adapter_model.safetensors"] == weights.read_bytes()
 
 
+def test_folders_away_from_their_run_push_private(runs, hub, tmp_path):
+    """A model merged from a LoRA adapter says so itself (provenance.json, written by save_merged): copied out of
+    its run, without the summary.json next to it, it still goes to a private repo, as a personal run. A folder
+    that says nothing of where it comes from is private by default too."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_gpt.lora import save_merged
+
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(runs["base"]), runs["adapter"])
+    save_merged(adapted, AutoTokenizer.from_pretrained(runs["adapter"]), tmp_path / "run" / "merged")
+    copied = tmp_path / "downloads" / "my-style"
+    shutil.copytree(tmp_path / "run" / "merged", copied)
+    (copied / "samples.private.md").write_text("Dear diary, my secret is that alice keeps a journal.\n")
+    ok(push(hub.url, copied, "--repo", "me/my-style", home=tmp_path))
+    assert hub.created == [{"name": "my-style", "organization": "me", "visibility": "private"}]
+    assert hub.repos["me/my-style"].private
+    remote = hub.files("me/my-style")
+    remote.pop(".gitattributes")
+    assert remote == {name: data for name, data in local_files(copied).items()
+                      if name not in ("samples.private.md", "provenance.json")}  # model and tokenizer files only
+    card, meta = card_of(remote)
+    assert "personal-style" in meta["tags"] and "This repository is private" in card.text
+    assert "merged from a LoRA adapter" in card.text
+
+    plain = tmp_path / "plain"  # a pretrained model copied without its run: nothing says where it comes from
+    shutil.copytree(runs["final"], plain)
+    assert read_folder(runs["final"]).visibility(None) is None and read_folder(plain).visibility(None) is True
+
+
 def test_push_to_a_branch(runs, hub, tmp_path):
     out = ok(push(hub.url, runs["final"], "--repo", "me/tiny-rev", "--revision", "v1", home=tmp_path))
     assert f"published: {hub.url}/me/tiny-rev/tree/v1" in out

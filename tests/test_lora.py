@@ -2,8 +2,10 @@
 that the script writes, the before/after report, and that the writing never leaves as text."""
 
 import json
+import math
 import random
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT, run_script
-from hf_gpt.config import UserError, load_config
+from hf_gpt import lora
+from hf_gpt.config import UserError, load_config, run_cli
 from hf_gpt.engine import evaluate
 from hf_gpt.evaluation import token_byte_lengths
 from hf_gpt.lora import (LoraRunConfig, WritingData, pack_documents, read_writing, run_lora, split_documents,
@@ -173,6 +176,13 @@ def test_report_measures_base_against_adapted(trigger_run, tokenizer_dir):
     model = AutoModelForCausalLM.from_pretrained(base)
     expected = evaluate(model, batches, token_byte_lengths(tokenizer, 576), _ThisProcess(torch.device("cpu")), "sdpa")
     assert h["base"] == pytest.approx(expected["val_ppl"], rel=1e-6)
+    # Before training: what the run will cost, in one line (20 steps of 4 x 64 tokens; each document after
+    # its EOS and the trigger).
+    train = split_documents(read_writing(str(WRITING)).documents, 0.2)[0]
+    train_tokens = sum(map(len, tokenizer(train, add_special_tokens=False)["input_ids"]))
+    assert (f"cost: 10 documents to train on ({train_tokens:,} tokens), 2 held out ({sum(map(len, ids)):,} tokens); "
+            f"--max_steps 20: 20 steps of 256 tokens (5,120 tokens, {5_120 / (train_tokens + 20):.1f} passes over "
+            "the training documents)") in result.stdout
     assert sum(report["writing"]["skipped"].values()) == 5
     assert "12 documents from 13 files (skipped 1 binary, 1 duplicate, 1 empty, 1 hidden, 1 not .txt/.md)" in result.stdout
     assert "held-out perplexity on your writing: base" in result.stdout
@@ -245,6 +255,78 @@ def test_bad_input_gets_one_clear_line(tmp_path, tokenizer_dir, extra, message):
     extra = [str(empty) if x == "EMPTY" else x for x in extra]
     with pytest.raises(UserError, match=re.escape(message)):
         run_lora(load_config(LoraRunConfig, run_args(base, tmp_path / "run", "--max_steps", "1", *extra)))
+
+
+def refusal(cfg: LoraRunConfig, capsys) -> str:
+    """run_lora as scripts/lora.py runs it: the one line on stderr, after checking it is one line and exit 2."""
+    capsys.readouterr()  # what came before (making the base model)
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(lambda: run_lora(cfg))
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("limit, value, extra, message", [
+    # A 6,000-character line where a document may have 1,000 (1,000,000 by default: a 50 MB line took 7 GB)...
+    ("MAX_DOCUMENT_CHARS", 1_000, [], "line.txt: 6,000 characters in one document (each file is one), longer than "
+                                      "the 1,000 a document may have: pass --split_paragraphs"),
+    # ... is one paragraph too.
+    ("MAX_DOCUMENT_CHARS", 1_000, ["--split_paragraphs"], "line.txt: a paragraph of 6,000 characters, longer than the "
+                                                          "1,000 a document may have: break it up with blank lines"),
+    # All files together: never read past the limit.
+    ("MAX_WRITING_BYTES", 5_000, [], "writing: more than 0.005 MB of .txt/.md files (reached at"),
+], ids=["long file", "long paragraph", "too much writing"])
+def test_oversized_writing_is_refused_before_anything_is_made(tmp_path, tokenizer_dir, monkeypatch, capsys,
+                                                              limit, value, extra, message):
+    monkeypatch.setattr(lora, limit, value)
+    writing = tmp_path / "writing"
+    writing.mkdir()
+    (writing / "a-note.txt").write_text("A short note about the tide.\n\nAnother paragraph.")
+    (writing / "line.txt").write_text("x" * 6_000)
+    base = make_base(tmp_path / "base", tokenizer_dir, spare_rows=0)
+    cfg = load_config(LoraRunConfig, run_args(base, tmp_path / "run", "--writing", str(writing), *extra))
+    assert message in refusal(cfg, capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_epochs_set_at_most_a_sane_number_of_steps(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    """--epochs sets max_steps up to MAX_EPOCH_STEPS (10,000; 5 here); past it the user must ask with --max_steps."""
+    monkeypatch.setattr(lora, "MAX_EPOCH_STEPS", 5)
+    base = make_base(tmp_path / "base", tokenizer_dir, spare_rows=0)
+    train = split_documents(read_writing(str(WRITING)).documents, 0.2)[0]
+    tokens = sum(map(len, load_tokenizer(str(base))(train, add_special_tokens=False)["input_ids"]))
+    steps = math.ceil(3 * (tokens + len(train)) / 256)  # 3 passes over the documents, each after its EOS
+    assert steps > 5
+    err = refusal(load_config(LoraRunConfig, run_args(base, tmp_path / "run")), capsys)
+    assert (f"3 epochs of {tokens:,} tokens take {steps} steps of 256 tokens, more than the 5 --epochs may set: "
+            "pass --max_steps") in err
+    assert not (tmp_path / "run").exists()
+    counts = {"train_documents": len(train), "train_tokens": tokens, "heldout_documents": 2, "heldout_tokens": 9}
+    asked = load_config(LoraRunConfig, run_args(base, tmp_path / "run", "--max_steps", "50000"))
+    assert "--max_steps 50000: 50,000 steps of 256 tokens" in lora.plan_steps(asked, counts, 1)
+
+
+def test_run_folders_keep_their_base_and_privacy_when_moved(tmp_path, tokenizer_dir, monkeypatch):
+    """Trained from a relative --model, the adapter still loads from any other folder (its base is recorded as an
+    absolute path); adapter/ and merged/ say they hold someone's writing, so their copies push as private."""
+    from peft import AutoPeftModelForCausalLM
+
+    from hf_gpt.hub import read_folder
+
+    make_base(tmp_path / "base", tokenizer_dir, spare_rows=64)
+    monkeypatch.chdir(tmp_path)
+    run_lora(load_config(LoraRunConfig, run_args(Path("base"), Path("run"), "--max_steps", "1", "--merge")))
+    elsewhere = tmp_path / "elsewhere"
+    for name in ("adapter", "merged"):
+        shutil.copytree(tmp_path / "run" / name, elsewhere / name)
+    monkeypatch.chdir(elsewhere)
+    config = json.loads(Path("adapter", "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    AutoPeftModelForCausalLM.from_pretrained("adapter")
+    for name in ("adapter", "merged"):
+        info = read_folder(name)
+        assert not info.summary and info.personal and info.visibility(None) is True
 
 
 def test_recipe_file_holds_the_defaults():
