@@ -27,7 +27,7 @@ from datasets.distributed import split_dataset_by_node
 
 from .config import TrainConfig, UserError
 from .data import PackedBatches, positions_from_eos
-from .engine import accumulation_steps, evaluate, sample, start_run, train
+from .engine import accumulation_steps, evaluate, replace_folder, sample, start_run, train
 from .evaluation import token_byte_lengths
 from .model import attention_name
 from .tokenizer import load_tokenizer
@@ -318,8 +318,7 @@ def save_merged(peft_model, tokenizer, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    replace_folder(tmp, folder)
 
 
 # ---------------------------------------------------------------------------------------------------
