@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import platform
 import shutil
 import signal
@@ -25,8 +26,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import load as accelerate_load, set_seed
 from tqdm.auto import tqdm
 
 from .config import UserError, save_config
@@ -182,37 +184,103 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, tokens: int, batches, keep: int) -> Path:
-    """Write to step_N.tmp, then rename: a crash mid-save leaves the previous checkpoint intact."""
-    final = output_dir / CHECKPOINTS / f"step_{step:08d}"
+def replace_folder(tmp: Path, dest: Path) -> None:
+    """Swap the complete folder `tmp` in as `dest`. No rename replaces a folder that holds files, so the
+    old one is renamed aside and deleted only once the new one is in place: a crash at any moment
+    leaves `dest` or `dest.old` complete, and recover_folders() puts the latter back."""
+    old = dest.with_name(dest.name + ".old")
+    recover_folder(dest)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(dest: Path) -> None:
+    """Finish a swap that a crash cut short: `dest.old` comes back when `dest` is missing, else it goes."""
+    old = dest.with_name(dest.name + ".old")
+    if old.is_dir():
+        if dest.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, dest)
+
+
+def recover_folders(output_dir: Path) -> None:
+    for old in [*output_dir.glob("*.old"), *(output_dir / CHECKPOINTS).glob("*.old")]:
+        recover_folder(old.with_name(old.name[:-len(".old")]))
+
+
+def save_checkpoint(accelerator, output_dir: Path, progress: dict, batches, keep: int) -> Path:
+    """Accelerate's state, and `progress` (step, tokens, ...) with the data stream's position.
+    Written to step_N.tmp, then swapped in: a crash mid-save leaves the previous checkpoint intact."""
+    final = output_dir / CHECKPOINTS / f"step_{progress['step']:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    # Each process reads its own part of the stream, so each saves its own position.
-    torch.save({"step": step, "tokens": tokens, "data": batches.state_dict()},
-               tmp / f"progress_{accelerator.process_index}.pt")
+    # Each process reads its own part of the stream, so each saves its own position. Plain ints, strings,
+    # lists and dicts only (numpy's RNG state is a dict of ints), so it loads with weights_only=True.
+    torch.save({**progress, "data": batches.state_dict()}, tmp / f"progress_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
         for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator, checkpoint: Path, batches) -> tuple[int, int]:
-    accelerator.load_state(str(checkpoint))
-    progress_file = checkpoint / f"progress_{accelerator.process_index}.pt"
-    if not progress_file.exists():
-        raise UserError(f"{checkpoint} was saved by fewer processes than this run has "
-                        f"({progress_file.name} is missing); resume with the same number of processes")
-    progress = torch.load(progress_file, weights_only=False)
-    batches.load_state_dict(progress["data"])
-    return progress["step"], progress["tokens"]
+def load_checkpoint(accelerator, checkpoint: Path, batches) -> dict:
+    """Load a checkpoint into the prepared objects and `batches`, and return its progress, running no code
+    from it: a checkpoint someone sent may hold any pickle.
+
+    Nothing is unpickled beyond tensors, numbers, strings and containers (torch.load with weights_only=True).
+    Accelerate 1.15's load_state already loads that way: the model from safetensors, optimizer.bin,
+    scheduler.bin and random_states_N.pkl through accelerate.utils.load (weights_only=True, plus numpy
+    arrays for the RNG states); custom_checkpoint_N.pkl, the one file it unpickles in full, it refuses
+    unless objects were registered for checkpointing, and we register none. But a random-states file it
+    cannot load it skips with a log line, which would leave the resumed run silently off its dropout
+    stream: so that file is loaded here first, and a refusal is an error.
+    """
+    i = accelerator.process_index
+    try:
+        accelerate_load(checkpoint / f"random_states_{i}.pkl")
+        progress = torch.load(checkpoint / f"progress_{i}.pt", weights_only=True)
+        accelerator.load_state(str(checkpoint))
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{checkpoint} holds a file that is more than tensors and numbers, refused as it could "
+                        f"run code ({str(e).splitlines()[0]})") from None
+    batches.load_state_dict(progress.pop("data"))
+    return progress
+
+
+# What a resumed run may change besides output_dir and resume: its length (to extend a run; the schedule
+# follows the new length from the step resumed at) and what it logs, evaluates, saves and publishes.
+# Anything else (data, model, optimizer, precision, seed) would load the checkpoint into another run.
+RESUMABLE = ("max_steps", "max_tokens", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
+             "report_to", "sample_prompts", "sample_tokens", "push_to_hub")
+
+
+def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int) -> list[str]:
+    """The changes (`field old -> new`) of RESUMABLE fields from the run's config.yaml; other changes, and
+    another number of processes (each saved its place in its own share of the data), are refused."""
+    saved_by = len(list(checkpoint.glob("progress_*.pt")))
+    if saved_by != num_processes:
+        raise UserError(f"{checkpoint} was saved by {saved_by} processes and this run has {num_processes}; "
+                        f"resume with {saved_by} (each process saved its place in its own share of the data)")
+    saved = output_dir / "config.yaml"
+    old = yaml.safe_load(saved.read_text()) if saved.exists() else {}
+    # Fields the file lacks were added to the code after the run started: there is nothing to compare.
+    changes = {k: f"{k} {old[k]!r} -> {v!r}" for k, v in asdict(cfg).items()
+               if k not in ("output_dir", "resume") and k in old and old[k] != v}
+    refused = [text for k, text in changes.items() if k not in RESUMABLE]
+    if refused:
+        raise UserError(f"{output_dir} was started with other settings (its config.yaml): {', '.join(refused)}; "
+                        f"--resume may change only {', '.join(RESUMABLE)} (or start another --output_dir)")
+    return list(changes.values())
 
 
 def run_summary(cfg, accelerator, result: dict, info: dict) -> dict:
@@ -242,8 +310,7 @@ def save_final(accelerator, model, tokenizer, final_dir: Path) -> None:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp, final_dir)
+        replace_folder(tmp, final_dir)
     accelerator.wait_for_everyone()
 
 
@@ -297,8 +364,14 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     batches = data.train_batches(accelerator.process_index, accelerator.num_processes)
 
     step = tokens = 0
+    progress: dict = {}
+    if main:
+        recover_folders(out)
+    accelerator.wait_for_everyone()
     checkpoints = checkpoint_dirs(out)
     resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
+    # Before anything is built: another config would load the checkpoint into another run.
+    changes = check_resumable(cfg, out, resume_from, accelerator.num_processes) if resume_from else []
 
     # The batch shape (for the accumulation count) comes from the data itself.
     peek_state = batches.state_dict()
@@ -315,14 +388,25 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, total_steps)
 
     if resume_from:
-        step, tokens = load_checkpoint(accelerator, resume_from, batches)
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+        progress = load_checkpoint(accelerator, resume_from, batches)
+        step, tokens = progress["step"], progress["tokens"]
+        accelerator.print(f"resumed from {resume_from} at step {step}"
+                          + (f" (changed: {', '.join(changes)})" if changes else ""))
+        if step > total_steps:
+            raise UserError(f"{resume_from} is past this run's {total_steps} steps; resume with a longer "
+                            "--max_steps or --max_tokens")
     elif cfg.resume:
         accelerator.print(f"no checkpoint in {out / CHECKPOINTS}: starting from scratch")
 
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
     metrics.truncate_after(step)  # rows a killed run wrote past its last checkpoint
-    if main:
+    if step == total_steps:
+        # The checkpoint at the last step is saved after final/ and summary.json: nothing is left to do.
+        accelerator.print(f"{out} already finished at step {step}; nothing to train")
+        last_eval = next(({k: v for k, v in r.items() if k.startswith("val_")}
+                          for r in reversed(metrics.rows()) if "val_loss" in r), {})
+        return RunResult(out, out / final_name, step, tokens, last_eval, False)
+    if main and not resume_from:  # a resumed run keeps the config it was started with
         save_config(cfg, out / "config.yaml")
     if cfg.report_to:
         accelerator.init_trackers(out.name, config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)})
@@ -354,7 +438,10 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                       f"accumulation {accum}, processes {accelerator.num_processes})")
     bar = tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True, desc=out.name)
     model.train()
-    window_loss = torch.zeros((), device=accelerator.device)
+    # The steps since the last log row. A checkpoint between log steps carries them, so that the first row
+    # after a resume averages the same steps as in a run never stopped (older checkpoints: the steps since).
+    window_loss = torch.full((), progress.get("window_loss", 0.0), device=accelerator.device)
+    window_steps = progress.get("window_steps", 0)
     # Tokens are counted on the device (SFT batches vary in size) and read back on log steps.
     tokens_at_start, new_tokens = tokens, torch.zeros((), dtype=torch.long, device=accelerator.device)
     window_start = started = time.perf_counter()
@@ -362,19 +449,23 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     def tokens_now() -> int:
         return tokens_at_start + int(new_tokens.item())
 
+    def progress_now() -> dict:
+        return {"step": step, "tokens": tokens_now(), "window_loss": window_loss.item(), "window_steps": window_steps}
+
     stopped = False
     with StopSignal() as stop:
         while step < total_steps:
             micro_batches = [next(batches) for _ in range(accum)]
             loss, step_tokens = optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler, micro_batches)
             window_loss += loss
+            window_steps += 1
             new_tokens += step_tokens
             step += 1
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == total_steps:
                 # The only host syncs in the loop, every log_every steps.
-                loss_value = window_loss.item() / ((step - 1) % cfg.log_every + 1)
+                loss_value = window_loss.item() / window_steps
                 window_tokens = tokens_now() - tokens
                 tokens = tokens_now()
                 elapsed = time.perf_counter() - window_start
@@ -390,13 +481,15 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                                     f"{kept[-1] if kept else 'the start'}; lower --learning_rate, keep "
                                     "--max_grad_norm, or try --mixed_precision no")
                 window_loss.zero_()
+                window_steps = 0
                 window_start = time.perf_counter()
             paused = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 run_eval()
-            stop_now = _agreed(stop.received, accelerator, step % cfg.log_every == 0)
+            # At the last step the run finishes anyway, with final/ and the checkpoint that says it is complete.
+            stop_now = step < total_steps and _agreed(stop.received, accelerator, step % cfg.log_every == 0)
             if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stop_now:
-                path = save_checkpoint(accelerator, out, step, tokens_now(), batches, cfg.keep_checkpoints)
+                path = save_checkpoint(accelerator, out, progress_now(), batches, cfg.keep_checkpoints)
                 if stop_now:
                     bar.close()
                     accelerator.print(f"stopped by signal at step {step}; checkpoint {path}; "
@@ -408,7 +501,6 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     bar.close()
     if not stopped:
         run_eval()
-        save_checkpoint(accelerator, out, step, tokens_now(), batches, cfg.keep_checkpoints)
         save_final(accelerator, model, tokenizer, out / final_name)
     wall = time.perf_counter() - started
     tokens = tokens_now()
@@ -418,6 +510,9 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                                                  "eval": last_eval}, info or {})
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         metrics.plot(out / "loss.png")
+    if not stopped:
+        # Last, so that a checkpoint at the last step means final/ and summary.json are complete.
+        save_checkpoint(accelerator, out, progress_now(), batches, cfg.keep_checkpoints)
     accelerator.end_training()
     return RunResult(out, out / final_name, step, tokens, last_eval, stopped)
 

@@ -28,7 +28,7 @@ from datasets.distributed import split_dataset_by_node
 
 from .config import TrainConfig, UserError
 from .data import PackedBatches, positions_from_eos
-from .engine import accumulation_steps, evaluate, sample, start_run, train
+from .engine import accumulation_steps, evaluate, replace_folder, sample, start_run, train
 from .evaluation import token_byte_lengths
 from .hub import mark_personal
 from .model import attention_name
@@ -347,9 +347,8 @@ def save_merged(peft_model, tokenizer, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    mark_personal(tmp)  # nothing in a plain model says it learnt someone's writing: the folder must
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    mark_personal(tmp)  # a plain model does not say it learnt someone's writing: the folder must
+    replace_folder(tmp, folder)
 
 
 # ---------------------------------------------------------------------------------------------------

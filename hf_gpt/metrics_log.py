@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import UserError
+
 
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True):
@@ -16,9 +18,18 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
 
     def rows(self) -> list[dict]:
+        """The rows written; a torn last line (the process was killed mid-write) is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:  # only the last line can be cut short by a crash
+                    raise UserError(f"{self.path} line {i + 1} is not JSON: the file was edited or damaged") from None
+        return rows
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past `step`: a resumed run writes them again, so the log matches an uninterrupted run."""

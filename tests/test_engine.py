@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from conftest import ROOT, run_script
-from hf_gpt.config import PretrainConfig, load_config
+from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
-from hf_gpt.engine import start_run, train
+from hf_gpt.engine import RunResult, recover_folders, save_checkpoint, save_final, start_run, train
+from hf_gpt.metrics_log import MetricsLog
 from hf_gpt.model import build_model
 from hf_gpt.tokenizer import load_tokenizer
 
@@ -36,9 +39,11 @@ def straight_run(tmp_path_factory, corpus, tokenizer_dir):
 def module_args(corpus, tokenizer_dir):
     return ["--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--n_layer", "2", "--n_head", "2",
             "--n_embd", "32", "--block_size", "64", "--micro_batch_size", "4", "--holdout_fraction", "0.1",
-            "--warmup_steps", "2", "--learning_rate", "3e-3", "--eval_every", "0", "--save_every", "0",
-            "--eval_batches", "2", "--log_every", "1", "--mixed_precision", "no", "--sample_prompts", "def ",
-            "--dropout", "0.1", "--crop", "random"]  # dropout and crop: resume must restore their RNGs
+            "--warmup_steps", "2", "--learning_rate", "3e-3", "--eval_every", "0", "--eval_batches", "2",
+            "--mixed_precision", "no", "--sample_prompts", "def ",
+            "--dropout", "0.1", "--crop", "random",  # dropout and crop: resume must restore their RNGs
+            # No checkpoint (7, 14, ...) on a log step (5, 10, ...): a resumed run's first window is short.
+            "--log_every", "5", "--save_every", "7"]
 
 
 def test_killed_and_resumed_run_equals_uninterrupted_run(straight_run, tmp_path):
@@ -48,26 +53,25 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(straight_run, tmp_path)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").exists() and len(losses(out)) >= 3:
-            proc.send_signal(signal.SIGTERM)
+        if (out / "checkpoints" / "step_00000007").exists():
+            proc.kill()
             break
         time.sleep(0.05)
     log = proc.communicate(timeout=240)[0]
-    assert proc.returncode == 0, log
-    assert "stopped by signal" in log
-    stopped_at = max(losses(out))
-    assert stopped_at < STEPS
+    assert proc.returncode == -signal.SIGKILL, log
     assert not (out / "final").exists()
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 99, "loss": 1.2')  # a row the kill cut short
 
     resumed = run_script("scripts/pretrain.py", *args, "--max_steps", str(STEPS), "--output_dir", str(out), "--resume")
     assert "resumed from" in resumed.stdout + resumed.stderr
     a, b = losses(straight), losses(out)
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    assert sorted(a) == sorted(b) == list(range(5, STEPS + 1, 5))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
     # Same documents: the stream positions at the end are identical, and so are the weights.
     def final_state(run):
-        return torch.load(sorted((run / "checkpoints").glob("step_*"))[-1] / "progress_0.pt", weights_only=False)
+        return torch.load(sorted((run / "checkpoints").glob("step_*"))[-1] / "progress_0.pt", weights_only=True)
 
     assert final_state(straight)["data"] == final_state(out)["data"]
     wa = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
@@ -89,13 +93,180 @@ def test_final_folder_loads_with_plain_transformers(straight_run):
     assert (straight_run[0] / "loss.png").stat().st_size > 0
 
 
-def in_process_run(args: list[str], data_wrapper=None):
+def train_in_process(args: list[str], data_wrapper=None) -> RunResult:
     cfg = load_config(PretrainConfig, args)
     accelerator = start_run(cfg)
     data = PretrainData(cfg, load_tokenizer(cfg.tokenizer))
     model = build_model(cfg, len(data.tokenizer), data.tokenizer.eos_token_id)
-    train(cfg, model, data.tokenizer, data_wrapper(data) if data_wrapper else data, accelerator)
-    return AutoModelForCausalLM.from_pretrained(Path(cfg.output_dir) / "final").state_dict()
+    return train(cfg, model, data.tokenizer, data_wrapper(data) if data_wrapper else data, accelerator)
+
+
+def in_process_run(args: list[str], data_wrapper=None):
+    train_in_process(args, data_wrapper)
+    return AutoModelForCausalLM.from_pretrained(Path(load_config(PretrainConfig, args).output_dir) / "final").state_dict()
+
+
+class StopAt:
+    """Sends this process SIGTERM, as `kill -TERM` would, while the loop reads the batch of step `step`."""
+
+    def __init__(self, data, step: int):
+        self.data, self.step = data, step
+
+    def train_batches(self, rank, world):
+        inner, stop_at = self.data.train_batches(rank, world), self.step + 1  # the first read is the shape peek
+        reads = 0
+
+        class Batches:
+            def __next__(self):
+                nonlocal reads
+                reads += 1
+                if reads == stop_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return next(inner)
+
+            state_dict, load_state_dict = inner.state_dict, inner.load_state_dict
+
+        return Batches()
+
+    def eval_batches(self, rank, world):
+        return self.data.eval_batches(rank, world)
+
+
+def rows_without_timing(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in MetricsLog(run / "metrics.jsonl").rows()]
+
+
+def test_a_run_stopped_by_a_signal_between_log_steps_resumes_with_the_same_rows(tiny_args, tmp_path):
+    common = [*tiny_args, "--max_steps", "8", "--log_every", "3", "--dropout", "0.1"]
+    train_in_process([*common, "--output_dir", str(tmp_path / "straight")])
+    stopped = tmp_path / "stopped"
+    result = train_in_process([*common, "--output_dir", str(stopped)], lambda data: StopAt(data, 4))
+    assert result.stopped_early and result.steps == 4
+    assert not (stopped / "final").exists()
+    assert train_in_process([*common, "--output_dir", str(stopped), "--resume"]).steps == 8
+    assert rows_without_timing(stopped) == rows_without_timing(tmp_path / "straight")
+
+
+@pytest.fixture
+def finished_run(straight_run, tmp_path):
+    """A copy of the finished straight run, and the arguments that resume it."""
+    run, args = straight_run
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", [*args, "--max_steps", str(STEPS), "--output_dir", str(tmp_path / "run"), "--resume"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--learning_rate", "0.5", "--lr_scheduler", "constant"], "learning_rate 0.003 -> 0.5, lr_scheduler 'cosine' -> 'constant'"),
+    (["--n_embd", "48"], "n_embd 32 -> 48"),
+])
+def test_resume_refuses_other_settings_with_one_line(finished_run, change, message):
+    run, resume = finished_run
+    config = (run / "config.yaml").read_text()
+    with pytest.raises(UserError) as refused:
+        train_in_process([*resume, *change])
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert (run / "config.yaml").read_text() == config
+
+
+def test_resume_may_extend_a_run_and_keeps_its_config(finished_run, capsys):
+    run, resume = finished_run
+    config = (run / "config.yaml").read_text()
+    assert train_in_process([*resume, "--max_steps", str(STEPS + 5)]).steps == STEPS + 5
+    assert f"changed: max_steps {STEPS} -> {STEPS + 5}" in capsys.readouterr().out
+    assert max(losses(run)) == STEPS + 5
+    assert (run / "config.yaml").read_text() == config  # the settings the run was started with
+
+
+def test_resume_refuses_another_number_of_processes(finished_run):
+    run, resume = finished_run
+    last = sorted((run / "checkpoints").glob("step_*"))[-1]
+    shutil.copy(last / "progress_0.pt", last / "progress_1.pt")  # as if saved by two processes
+    with pytest.raises(UserError, match="saved by 2 processes and this run has 1; resume with 2"):
+        train_in_process(resume)
+
+
+def test_resuming_a_finished_run_does_nothing(finished_run, capsys):
+    run, resume = finished_run
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = train_in_process(resume)
+    assert result.steps == STEPS and result.eval["val_loss"] > 0
+    assert "already finished at step 40" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+class RunsCode:
+    """Unpickling this runs code: it writes `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("name", ["progress_0.pt", "random_states_0.pkl", "optimizer.bin"])
+def test_a_checkpoint_that_would_run_code_is_refused(finished_run, tmp_path, name):
+    run, resume = finished_run
+    marker = tmp_path / "marker"
+    torch.save(RunsCode(marker), sorted((run / "checkpoints").glob("step_*"))[-1] / name)
+    with pytest.raises(UserError, match="refused as it could run code"):
+        train_in_process(resume)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("crash", ["moving the old aside", "moving the new in", "deleting the old"])
+@pytest.mark.parametrize("folder", ["final", "checkpoint"])
+def test_a_crash_while_swapping_a_folder_in_leaves_a_complete_one(tmp_path, tokenizer_dir, monkeypatch, crash, folder):
+    accelerator = Accelerator()
+    model = build_model(PretrainConfig(n_layer=1, n_head=2, n_embd=32), 512, 0)
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+
+    class Batches:
+        def state_dict(self):
+            return {"version": version}
+
+    def save(target: Path):
+        if folder == "final":
+            save_final(accelerator, model, tokenizer, target)
+        else:
+            save_checkpoint(accelerator, tmp_path, {"step": 3}, Batches(), keep=2)
+
+    def saved(target: Path):
+        if folder == "final":
+            return AutoModelForCausalLM.from_pretrained(target).transformer.wte.weight[0, 0].item()
+        return torch.load(target / "progress_0.pt", weights_only=True)["data"]["version"]
+
+    target = tmp_path / "final" if folder == "final" else tmp_path / "checkpoints" / "step_00000003"
+    version = 1.0
+    with torch.no_grad():
+        model.transformer.wte.weight[0, 0] = version
+    save(target)
+
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def replace(src, dst):
+        if (crash == "moving the old aside" and Path(src) == target
+                or crash == "moving the new in" and Path(dst) == target):
+            raise OSError("simulated crash")
+        real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs):
+        if crash == "deleting the old" and Path(path).name.endswith(".old"):
+            raise OSError("simulated crash")
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    version = 2.0
+    with torch.no_grad():
+        model.transformer.wte.weight[0, 0] = version
+    with pytest.raises(OSError, match="simulated crash"):
+        save(target)
+    monkeypatch.undo()
+
+    recover_folders(tmp_path)  # what the next run does first
+    assert saved(target) == (2.0 if crash == "deleting the old" else 1.0)
+    assert not target.with_name(target.name + ".old").exists()
 
 
 class RaggedLabels:
