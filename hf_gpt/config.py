@@ -8,11 +8,13 @@ so `--help` lists every field with its help text.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from tqdm import tqdm
 from transformers import HfArgumentParser
 
 
@@ -95,17 +97,47 @@ def read_yaml(path: str | Path, cls) -> dict:
     return values
 
 
+class _Parser(HfArgumentParser):
+    def error(self, message):
+        # argparse prints the whole usage first (40 lines of fields for a recipe) and names each field twice.
+        message = re.sub(r"(--\w+)/--[\w-]+", r"\1", message)
+        self.exit(2, f"error: {message} (--help lists every field)\n")
+
+
+# Numbers that count something and must be at least 1; every other number of a config must not be negative
+# (0 means "off" or "derived" where it is allowed), and these are shares of something, at most 1.
+AT_LEAST_ONE = {"micro_batch_size", "log_every", "block_size", "n_layer", "n_head", "n_embd", "tokenizer_vocab_size",
+                "tokenizer_train_documents", "max_length", "generation_batch_size", "shard_tokens"}
+FRACTIONS = {"holdout_fraction", "val_fraction", "test_fraction", "min_lr_ratio", "decay_ratio", "dropout",
+             "lora_dropout", "adam_beta1", "adam_beta2"}
+
+
+def check(cfg) -> None:
+    """Values out of range stop a run before any work (training its tokenizer alone takes a minute)."""
+    for name in field_names(type(cfg)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low = 1 if name in AT_LEAST_ONE else 0
+        if not value >= low:  # NaN too
+            raise UserError(f"{name} must be {'1 or more' if low else '0 or more'}, not {value}")
+        if name in FRACTIONS and value > 1:
+            raise UserError(f"{name} must be between 0 and 1, not {value}")
+
+
 def load_config(cls, argv: list[str] | None = None, description: str | None = None):
-    """YAML recipe (``--config``) first, command-line overrides on top; returns a ``cls`` instance."""
+    """YAML recipe (``--config``) first, command-line overrides on top; returns a checked ``cls`` instance."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(cls, description=description)
+    parser = _Parser(cls, description=description)
     parser.add_argument("--config", help="YAML recipe; any field can also be given on the command line.")
     known, _ = parser.parse_known_args(argv)  # only to find --config before full parsing
     if known.config:
         parser.set_defaults(**read_yaml(known.config, cls))
     args = parser.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k != "config"}
-    return cls(**values)
+    cfg = cls(**values)
+    check(cfg)
+    return cfg
 
 
 def save_config(cfg, path: str | Path) -> None:
@@ -117,7 +149,11 @@ def run_cli(main) -> None:
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # The line must not land on the end of a progress bar: close the bars still open (an error inside their
+        # loop), and where no terminal takes the cursor back to the start of the line (a log), start a new one.
+        for bar in list(tqdm._instances):
+            bar.close()
+        print(("" if sys.stderr.isatty() else "\n") + f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

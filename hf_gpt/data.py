@@ -297,6 +297,9 @@ class PretrainData:
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.shards = TokenShards(cfg.dataset) if TokenShards.is_shard_folder(cfg.dataset) else None
+        if self.shards and cfg.tokenizer == "train":
+            # Token shards are tokenized already: the tokenizer they were made with is the one that reads them.
+            cfg.tokenizer = str(self.shards.folder / "tokenizer")
         self.source = None if self.shards else DocumentSource(
             cfg.dataset, config=cfg.dataset_config, split=cfg.dataset_split, text_column=cfg.text_column,
             encoding_errors=cfg.data_encoding_errors, seed=cfg.seed)
@@ -312,6 +315,7 @@ class PretrainData:
     def train_batches(self, process_index: int, num_processes: int):
         cfg = self.cfg
         if self.shards:
+            self.shards.check_tokenizer(self.tokenizer, cfg.tokenizer)
             return ShardBatches(self.shards.tokens("train"), eos=self.tokenizer.eos_token_id,
                                 block_size=cfg.block_size, micro_batch_size=cfg.micro_batch_size,
                                 document_masking=cfg.document_masking, process_index=process_index,
@@ -379,6 +383,13 @@ class TokenShards:
         if not meta_file.exists():
             raise UserError(f"{folder}: no meta.json (make the folder with scripts/prepare_data.py)")
         self.meta = json.loads(meta_file.read_text())
+
+    def check_tokenizer(self, tokenizer, name: str) -> None:
+        """Documents are found by their leading EOS: another tokenizer's would cut the tokens into nonsense."""
+        if tokenizer.eos_token_id != self.meta["eos_token_id"]:
+            raise UserError(f"token shards {self.folder} were made with end-of-text id {self.meta['eos_token_id']}, "
+                            f"tokenizer {name} has {tokenizer.eos_token_id}: train with --tokenizer "
+                            f"{self.folder / 'tokenizer'} (the default for token shards)")
 
     @staticmethod
     def is_shard_folder(name: str) -> bool:
@@ -466,6 +477,8 @@ def write_token_shards(source: DocumentSource, tokenizer, out: Path, *, holdout:
 
     Written to `<out>.tmp` and renamed at the end, so an interrupted run never leaves a half folder.
     """
+    if out.exists():  # before the pass, which can take hours
+        raise UserError(f"{out} already exists; remove it or choose another --out")
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -498,7 +511,5 @@ def write_token_shards(source: DocumentSource, tokenizer, out: Path, *, holdout:
             "holdout_fraction": holdout, "shards": shards}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     tokenizer.save_pretrained(tmp / "tokenizer")
-    if out.exists():
-        raise UserError(f"{out} already exists; remove it or choose another --out")
     tmp.rename(out)
     return meta

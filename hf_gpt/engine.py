@@ -13,6 +13,8 @@ Padding goes on the right, where causal attention never sees it, so no padding m
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import json
 import math
 import os
@@ -20,6 +22,7 @@ import pickle
 import platform
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load, set_seed
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from .config import UserError, save_config
@@ -53,6 +57,7 @@ class RunResult:
 def start_run(cfg) -> Accelerator:
     """Accelerator, seeds and output-folder checks, before the recipe builds its tokenizer and model."""
     out = Path(cfg.output_dir)
+    stop_with_launcher()
     has_checkpoints = any((out / CHECKPOINTS).glob("step_*[0-9]"))
     if has_checkpoints and not cfg.resume:
         raise UserError(f"{out} already holds a run with checkpoints; pass --resume to continue it "
@@ -79,8 +84,57 @@ def start_run(cfg) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        lock_output_dir(out)
     return accelerator
+
+
+# Set by `accelerate launch` (every launcher) and by torchrun for the processes they start.
+LAUNCHER_ENV = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_launcher() -> None:
+    """Have the kernel send this process SIGTERM when the launcher that started it dies.
+
+    `accelerate launch` with one process waits on its child and dies of SIGTERM without passing it on,
+    which would leave the run training as an orphan (and a `--resume` beside it). With this, StopSignal
+    saves a checkpoint and the run ends. torchrun passes signals on by itself; this covers its agent being
+    killed outright. Only under a launcher: a run started from a shell keeps running when the shell exits
+    (nohup).
+    """
+    if sys.platform == "linux" and any(name in os.environ for name in LAUNCHER_ENV):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# Locks this process holds, by folder, kept open for its lifetime (tests start several runs in one process).
+_output_locks: dict[Path, object] = {}
+
+
+def lock_output_dir(out: Path) -> None:
+    """Create output_dir and hold an exclusive lock on it: two runs writing one folder would mix their
+    checkpoints and metrics. The kernel drops the lock when the process ends, however it ends, so a
+    killed run never leaves its folder locked."""
+    if out.resolve() in _output_locks:
+        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"cannot write in output_dir {out}: {e.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise UserError(f"{out} is in use by another run (process {holder or '?'}); wait for it to end or stop it "
+                        "(kill -TERM saves a checkpoint), or choose another --output_dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _output_locks[out.resolve()] = lock
 
 
 def accumulation_steps(cfg, tokens_per_micro_batch: int, num_processes: int) -> int:
@@ -314,6 +368,18 @@ def save_final(accelerator, model, tokenizer, final_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
+@contextlib.contextmanager
+def unwritable_as_error(what: str, folder: Path):
+    """A disk that fills up while saving: one line that says what could not be written and the space left,
+    not a traceback from inside torch.save or safetensors, which report it as errors of their own."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        free = shutil.disk_usage(folder).free / 2**20
+        raise UserError(f"could not write {what} in {folder}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''} ({free:,.0f} MiB free there)") from None
+
+
 def prepare_training(cfg, model, accelerator, total_steps: int):
     """Model on its device, AdamW and the schedule, all through `accelerator.prepare`; plus the
     (optionally compiled) forward the loop calls."""
@@ -489,7 +555,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
             # At the last step the run finishes anyway, with final/ and the checkpoint that says it is complete.
             stop_now = step < total_steps and _agreed(stop.received, accelerator, step % cfg.log_every == 0)
             if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stop_now:
-                path = save_checkpoint(accelerator, out, progress_now(), batches, cfg.keep_checkpoints)
+                with unwritable_as_error(f"checkpoint step {step}", out):
+                    path = save_checkpoint(accelerator, out, progress_now(), batches, cfg.keep_checkpoints)
                 if stop_now:
                     bar.close()
                     accelerator.print(f"stopped by signal at step {step}; checkpoint {path}; "
@@ -501,7 +568,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     bar.close()
     if not stopped:
         run_eval()
-        save_final(accelerator, model, tokenizer, out / final_name)
+        with unwritable_as_error(f"{final_name}/", out):
+            save_final(accelerator, model, tokenizer, out / final_name)
     wall = time.perf_counter() - started
     tokens = tokens_now()
     if main:
@@ -512,7 +580,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
         metrics.plot(out / "loss.png")
     if not stopped:
         # Last, so that a checkpoint at the last step means final/ and summary.json are complete.
-        save_checkpoint(accelerator, out, progress_now(), batches, cfg.keep_checkpoints)
+        with unwritable_as_error(f"checkpoint step {step}", out):
+            save_checkpoint(accelerator, out, progress_now(), batches, cfg.keep_checkpoints)
     accelerator.end_training()
     return RunResult(out, out / final_name, step, tokens, last_eval, stopped)
 

@@ -25,11 +25,13 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from .config import UserError
-from .tokenizer import load_tokenizer
+from .tokenizer import check_source, load_tokenizer
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 # lm-eval's fallback context length when neither the config nor the tokenizer names one.
 DEFAULT_CONTEXT = 2048
+# A model folder holds one of these: save_pretrained's config, or a PEFT adapter's.
+MODEL_FILES = ("config.json", "adapter_config.json")
 
 
 def token_byte_lengths(tokenizer, size: int | None = None) -> torch.Tensor:
@@ -61,6 +63,7 @@ def load_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: 
     token (hf_gpt.lora's trigger token).
     """
     path = Path(name_or_path)
+    check_source(name_or_path, "model", MODEL_FILES)
     try:
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM
@@ -71,9 +74,8 @@ def load_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: 
         else:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
             tokenizer_source = name_or_path
-    except Exception as e:  # offline, 404, not a model folder: all one line
-        hint = f" (did you mean {path / 'final'}?)" if (path / "final").is_dir() else ""
-        raise UserError(f"model '{name_or_path}' could not be loaded{hint}: {_first_line(e)}") from None
+    except Exception as e:  # offline, 404, broken weights: all one line
+        raise UserError(f"model '{name_or_path}' could not be loaded: {_first_line(e)}") from None
     tokenizer = load_tokenizer(tokenizer_source)
     return model.to(device).eval(), tokenizer
 

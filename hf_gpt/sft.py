@@ -35,7 +35,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TrainConfig, UserError
+from .evaluation import MODEL_FILES
 from .generation import chat_prompt_ids, generate
+from .tokenizer import check_source
 
 # The Alpaca format of "Build a Large Language Model (From Scratch)", ch. 7, which the article used.
 # A system message replaces the opening sentence; a user message's optional "input" is the task's context.
@@ -112,6 +114,7 @@ class SFTConfig(TrainConfig):
 def check_config(cfg: SFTConfig) -> None:
     if not cfg.model or not cfg.data:
         raise UserError("set --model (a base model folder or Hub id) and --data (instruction records)")
+    check_source(cfg.model, "model", MODEL_FILES)  # the tokenizer is loaded from it first and would take the blame
     if cfg.tokens_per_step:
         raise UserError("tokens_per_step does not apply to SFT (batches vary in length); "
                         "set gradient_accumulation_steps instead")

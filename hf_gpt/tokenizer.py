@@ -5,6 +5,7 @@ from __future__ import annotations
 from itertools import islice
 from pathlib import Path
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
@@ -13,8 +14,26 @@ from .config import UserError
 EOS = "<|endoftext|>"
 
 
+def check_source(name_or_path: str, what: str, files: tuple[str, ...]) -> None:
+    """One clear line for the two usual slips, before transformers answers them obscurely: a path that does
+    not exist (taken for a malformed Hub id) and a folder that holds none of `files` (a run folder, data)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in files):
+            hint = f"; did you mean {path / 'final'}?" if (path / "final").is_dir() else ""
+            raise UserError(f"{what} '{name_or_path}' could not be loaded: the folder has none of {', '.join(files)}"
+                            f"{hint}")
+        return
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise UserError(f"{what} '{name_or_path}' could not be loaded: no such folder, and not a Hub id "
+                        "(owner/name)") from None
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     folder = Path(name_or_path).expanduser()
+    check_source(name_or_path, "tokenizer", ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
     try:
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() and not (
                 folder / "tokenizer_config.json").is_file():

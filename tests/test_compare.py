@@ -24,7 +24,7 @@ from hf_gpt.benchmarks import (hellaswag_item, load_benchmark, run_hellaswag, ru
 from hf_gpt.compare import resolve_tasks
 from hf_gpt.config import UserError
 from hf_gpt.evaluation import (encode_pair, generate, heldout_loss, load_model, loglikelihood, rolling_windows)
-from hf_gpt.tokenizer import train_bpe
+from hf_gpt.tokenizer import load_tokenizer, train_bpe
 
 ANIMALS = {" cat": 2.0, " elephant": 1.0, " dog": 0.0, " mouse": 0.0}
 SENTENCES = ["the zoo has a cat", "the zoo has an elephant", "the zoo has a dog", "the zoo has a mouse",
@@ -239,6 +239,16 @@ def test_load_model_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match=r"did you mean .*final") as e:
         load_model(str(tmp_path / "run"))
     assert "\n" not in str(e.value)
+    # A path that is not there is not taken for a malformed Hub id (scripts/generate.py, compare.py).
+    with pytest.raises(UserError, match=r"'.*nope' could not be loaded: no such folder, and not a Hub id"):
+        load_model(str(tmp_path / "nope"))
+    # A folder of something else says what it lacks, whole (not the first line of a tokenizer's long message).
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("text")
+    with pytest.raises(UserError, match=r"the folder has none of config.json, adapter_config.json$"):
+        load_model(str(tmp_path / "notes"))
+    with pytest.raises(UserError, match=r"the folder has none of tokenizer.json, tokenizer_config.json, vocab.json$"):
+        load_tokenizer(str(tmp_path / "notes"))
 
 
 def test_auto_tasks_follow_the_files_given():

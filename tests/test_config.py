@@ -1,6 +1,7 @@
 import pytest
+from tqdm.auto import tqdm
 
-from hf_gpt.config import PretrainConfig, UserError, load_config
+from hf_gpt.config import PretrainConfig, UserError, load_config, run_cli
 
 
 def test_yaml_then_command_line(tmp_path):
@@ -50,3 +51,40 @@ def test_a_recipe_with_a_token_budget_trains_for_it():
         cfg = load_config(PretrainConfig, ["--config", str(recipe)])
         if cfg.max_tokens:
             assert cfg.max_steps == 0, recipe.name
+
+
+@pytest.mark.parametrize("recipe, args, message", [
+    ("sft", ["--epochs", "-1"], "epochs must be 0 or more, not -1"),
+    ("sft", ["--test_fraction", "1.5"], "test_fraction must be between 0 and 1, not 1.5"),
+    ("lora", ["--block_size", "0"], "block_size must be 1 or more, not 0"),
+    ("lora", ["--learning_rate", "nan"], "learning_rate must be 0 or more, not nan"),
+])
+def test_every_recipe_checks_its_values_when_parsed(recipe, args, message):
+    from hf_gpt.lora import LoraRunConfig
+    from hf_gpt.sft import SFTConfig
+
+    with pytest.raises(UserError, match=message):
+        load_config({"sft": SFTConfig, "lora": LoraRunConfig}[recipe], args)
+
+
+def cleared_bar():  # compare's bars: done and cleared, which in a log leaves the line unended
+    for _ in tqdm(range(2), desc="held-out documents", leave=False):
+        pass
+
+
+def open_bar():  # the training loop's: held open while the error leaves the loop
+    bar = tqdm(total=3, desc="training")
+    bar.update()
+    return bar
+
+
+@pytest.mark.parametrize("before", [cleared_bar, open_bar])
+def test_an_error_starts_a_line_of_its_own_after_a_progress_bar(capsys, before):
+    def main():
+        bar = before()  # noqa: F841 (kept alive, as the loop's own variable is)
+        raise UserError("model 'x' could not be loaded")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main)
+    assert e.value.code == 2
+    assert "\nerror: model 'x' could not be loaded\n" in capsys.readouterr().err

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from conftest import ROOT, run_script
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
-from hf_gpt.engine import RunResult, recover_folders, save_checkpoint, save_final, start_run, train
+from hf_gpt.engine import RunResult, checkpoint_dirs, recover_folders, save_checkpoint, save_final, start_run, train
 from hf_gpt.metrics_log import MetricsLog
 from hf_gpt.model import build_model
 from hf_gpt.tokenizer import load_tokenizer
@@ -326,6 +327,14 @@ def test_an_existing_run_is_never_overwritten(straight_run):
     (["--tokenizer", "someone/no-tokenizer"], "tokenizer 'someone/no-tokenizer' could not be loaded"),
     pytest.param(["--attn_implementation", "flex_attention"], "flex_attention trains on GPUs only",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal")),
+    (["--output_dir", "CONFIG"], "is a file, not a folder"),
+    pytest.param(["--output_dir", "/sys/kernel"], "cannot write in output_dir /sys/kernel: Permission denied",
+                 marks=pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="a folder nobody may write in, "
+                                          "root included (chmod does not stop root)")),
+    (["--log_every", "0"], "log_every must be 1 or more, not 0"),
+    (["--micro_batch_size", "0"], "micro_batch_size must be 1 or more, not 0"),
+    (["--learning_rate", "abc"], "error: argument --learning_rate: invalid float value: 'abc'"),
+    (["--max_steps", "-5", "--tokenizer", "train"], "max_steps must be 0 or more, not -5"),  # not after training a BPE
 ])
 def test_bad_input_gets_one_clear_line(tiny_args, tmp_path, extra, message):
     recipe = tmp_path / "bad.yaml"
@@ -336,6 +345,101 @@ def test_bad_input_gets_one_clear_line(tiny_args, tmp_path, extra, message):
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr
+
+
+def test_push_to_hub_is_checked_before_training(tiny_args, tmp_path):
+    """Offline: no token, or HF_HUB_OFFLINE with one; either stops the run before its first step."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    cases = [({"HF_HOME": str(tmp_path / "home")}, "--push_to_hub needs a Hugging Face token"),
+             ({"HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE=1 is set")]
+    for extra_env, message in cases:
+        result = subprocess.run([sys.executable, "scripts/pretrain.py", *tiny_args, "--max_steps", "3",
+                                 "--output_dir", str(tmp_path / "run"), "--push_to_hub", "me/tiny"],
+                                cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_token_shards_train_with_their_own_tokenizer_only(corpus, tokenizer_dir, tiny_args, tmp_path):
+    from hf_gpt.data import DocumentSource, write_token_shards
+
+    shards = tmp_path / "shards"
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    write_token_shards(DocumentSource(str(corpus)), tokenizer, shards, holdout=0.1, shard_tokens=10**6)
+    # An existing folder is refused before the pass over the corpus, not after it.
+    with pytest.raises(UserError, match="already exists"):
+        write_token_shards(DocumentSource(str(corpus)), tokenizer, shards, holdout=0.1, shard_tokens=10**6)
+    assert not shards.with_name("shards.tmp").exists()
+
+    # The default `tokenizer: train` reads shards with the tokenizer they were made with.
+    args = [a for a in tiny_args if a not in ("--tokenizer", str(tokenizer_dir))]
+    run = tmp_path / "run"
+    run_script("scripts/pretrain.py", *args, "--dataset", str(shards), "--max_steps", "2", "--output_dir", str(run))
+    assert AutoTokenizer.from_pretrained(run / "final").get_vocab() == tokenizer.get_vocab()
+
+    # A tokenizer with another end-of-text id would cut the shards into wrong documents.
+    other = tmp_path / "other"
+    tokenizer.eos_token = "e"
+    tokenizer.save_pretrained(other)
+    cfg = load_config(PretrainConfig, [*args, "--dataset", str(shards), "--tokenizer", str(other)])
+    data = PretrainData(cfg, load_tokenizer(cfg.tokenizer))
+    with pytest.raises(UserError, match=r"made with end-of-text id 0, tokenizer .*other has \d+"):
+        data.train_batches(0, 1)
+
+
+def test_a_full_disk_while_saving_is_one_line(tiny_args, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    def full(self, output_dir, **kwargs):
+        raise OSError(28, "No space left on device", f"{output_dir}/model.safetensors")
+
+    monkeypatch.setattr(Accelerator, "save_state", full)
+    with pytest.raises(UserError, match=r"could not write checkpoint step 2 and final/ in .*run: OSError: .*No space "
+                                        r"left on device.* MiB free there\)"):
+        in_process_run([*tiny_args, "--max_steps", "2", "--output_dir", str(tmp_path / "run")])
+
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the launcher's death reaches its child through prctl")
+def test_a_stopped_launcher_checkpoints_its_run_and_a_second_run_is_refused(tiny_args, tmp_path):
+    out = tmp_path / "run"
+    launcher = subprocess.Popen([*LAUNCH, "scripts/pretrain.py", *tiny_args, "--max_steps", "5000",
+                                 "--output_dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and launcher.poll() is None and not (
+                (out / "metrics.jsonl").exists() and losses(out)):
+            time.sleep(0.1)
+        # A second run in the same folder, even one that resumes, is refused while the first lives.
+        second = run_script("scripts/pretrain.py", *tiny_args, "--max_steps", "3", "--output_dir", str(out),
+                            "--resume", check=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert second.stderr.strip().splitlines()[-1].startswith(f"error: {out} is in use by another run (process ")
+        launcher.send_signal(signal.SIGTERM)  # the launcher only, as `kill -TERM <pid of accelerate launch>`
+        # The output pipe closes once the training process, which shares it, has exited too.
+        log = launcher.communicate(timeout=240)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)  # whatever a failed run left behind
+    assert "stopped by signal" in log, log[-3000:]
+    assert checkpoint_dirs(out) and not (out / "final").exists()
+    assert subprocess.run(["pgrep", "-f", str(out)], capture_output=True).returncode == 1  # no process left
+
+
+def test_a_launched_run_ends_on_its_error_line_with_quiet(tiny_args, tmp_path):
+    """What the README says of `accelerate launch -q`: Accelerate's exit status 1, our line last."""
+    result = subprocess.run([*LAUNCH, "-q", "scripts/pretrain.py", *tiny_args, "--log_every", "0",
+                             "--output_dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: log_every must be 1 or more, not 0"
     assert "Traceback" not in result.stderr
 
 

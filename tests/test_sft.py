@@ -14,7 +14,7 @@ from hf_gpt.config import UserError
 from hf_gpt.engine import model_inputs, target_count
 from hf_gpt.generation import chat_prompt_ids, generate, load_for_generation
 from hf_gpt.model import causal_lm_loss
-from hf_gpt.sft import (ALPACA_TEMPLATE, JUDGE_PROMPT, SFTConfig, SFTData, collate, encode_chat,
+from hf_gpt.sft import (ALPACA_TEMPLATE, JUDGE_PROMPT, SFTConfig, SFTData, check_config, collate, encode_chat,
                         judge_score, pack, prepare_tokenizer, read_records, resolve_chat_template, rouge_l,
                         split_records, to_messages)
 from hf_gpt.tokenizer import load_tokenizer
@@ -265,6 +265,12 @@ def test_bad_data_stops_the_script_with_one_line(base_model, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"error: {data}: record 2 (line 2): 'output' must be a string, found list"
     assert "Traceback" not in result.stderr
+
+
+def test_a_folder_without_a_model_is_named_as_the_model(tmp_path):
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(UserError, match=r"^model '.*notes' could not be loaded: the folder has none of config.json"):
+        check_config(SFTConfig(model=str(tmp_path / "notes"), data=str(RECORDS)))
 
 
 def test_overlong_records_are_truncated_or_dropped_and_counted(tokenizer, base_model):
