@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import run_script
@@ -41,9 +42,9 @@ def test_two_processes_train_like_one_with_twice_the_batch(tiny_args, tmp_path):
     two = final_weights(tmp_path / "two")
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
-    built, after = zip(*[json.loads((tmp_path / "two" / f"rank{r}.json").read_text()).values() for r in (0, 1)])
-    assert built[0] == built[1]  # the recipe built the same weights on both processes
-    assert after[0] != after[1]  # but each draws its own dropout masks
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["built"] == ranks[1]["built"]  # the recipe built the same weights on both processes
+    assert ranks[0]["rand"] != ranks[1]["rand"]  # but each draws its own dropout masks
 
 
 def schedule(cfg, steps: int) -> list[float]:
@@ -109,6 +110,8 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(tiny_args, tmp_path):
     run_script("scripts/pretrain.py", *args, "--mixed_precision", "bf16", "--output_dir", str(tmp_path / "bf16"))
     fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["mixed_precision"] == "bf16"
+    weights = load_file(tmp_path / "bf16" / "final" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # autocast computes in bf16, weights stay fp32
     assert bf16[8] < bf16[1] - 0.2  # it trains
     gaps = [abs(bf16[s] - fp32[s]) for s in fp32]
     assert 0 < max(gaps) < 0.01, gaps  # computed in bf16 (not identical), yet close
