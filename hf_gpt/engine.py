@@ -33,6 +33,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load, set_seed
 from safetensors import SafetensorError
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .config import UserError, save_config
@@ -395,9 +396,85 @@ def prepare_training(cfg, model, accelerator, total_steps: int):
     return model, forward, optimizer, scheduler
 
 
-def optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler, micro_batches: list[dict]):
-    """One optimizer step over `micro_batches` (gradient accumulation). Returns the step's mean loss
-    and its token count, as device tensors: nothing here waits for the GPU."""
+class FiniteGuard:
+    """Stops a run whose loss or gradients stop being finite, before a non-finite value reaches the weights.
+
+    One inf gradient is enough: clipping scales every gradient by max_norm / inf = 0 and inf x 0 is NaN,
+    and AdamW writes NaN into every weight. So every step is checked before the optimizer steps, but on
+    the device: reading a flag on the host every step would wait for the GPU and leave its queue empty.
+    A step whose loss or gradient norm (the same on all processes) is not finite has its gradients
+    zeroed instead, so AdamW only decays its moments and the weights stay finite, and the first such
+    step is recorded on the device. The host reads the record where it waits for the GPU anyway: on log
+    steps and before evaluating or saving, so nothing trained after the failure is ever saved.
+    Each micro-batch's loss and accumulated gradients are checked as well (one fused norm per
+    micro-batch), to say where the first non-finite value appeared: by then the step's gradients are gone.
+    """
+
+    def __init__(self, model, accelerator):
+        self.accelerator = accelerator
+        self.params = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+        # fp16's gradient scaler overflows gradients on purpose to find its scale, and skips those steps itself.
+        self.check_gradients = accelerator.scaler is None
+        device = accelerator.device
+        # The first step whose loss or gradient norm is not finite: step, loss, gradient norm.
+        self.failed = torch.full((3,), -1.0, dtype=torch.float64, device=device)
+        # This process's first non-finite micro-batch: step, micro-batch, parameter (-1: only the loss).
+        self.first_bad = torch.full((3,), -1, dtype=torch.long, device=device)
+
+    def _grads(self) -> list[torch.Tensor]:
+        # FSDP2 holds gradients as DTensors: check this process's shard. Before the step's last micro-batch
+        # it may hold none yet (they are materialised when reduced).
+        grads = [p.grad for _, p in self.params]
+        if any(g is None for g in grads):
+            return []
+        return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+    def check_micro_batch(self, step: int, index: int, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss)
+        param = torch.full((), -1, device=loss.device)  # a non-finite loss is named first: it made the gradients so
+        grads = self._grads() if self.check_gradients else []
+        if grads:
+            bad_params = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)))
+            param = torch.where(bad_params.any() & ~bad, bad_params.int().argmax(), param)
+            bad = bad | bad_params.any()
+        here = torch.stack([torch.full_like(param, step), torch.full_like(param, index), param])
+        self.first_bad = torch.where(bad & (self.first_bad[0] < 0), here, self.first_bad)
+
+    def check_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Zeroes the gradients of a step whose loss or gradient norm is not finite, and records it."""
+        ok = torch.isfinite(loss)
+        if self.check_gradients:
+            ok = ok & torch.isfinite(grad_norm)
+            for g in self._grads():
+                g.masked_fill_(~ok, 0.0)
+        here = torch.stack([torch.full_like(loss, step, dtype=torch.float64), loss.double(), grad_norm.double()])
+        self.failed = torch.where(~ok & (self.failed[0] < 0), here, self.failed)
+
+    def failure(self, accumulation: int, output_dir: Path) -> str | None:
+        """The error line for the first non-finite step so far, if there was one (a host sync)."""
+        step, loss, grad_norm = self.failed.tolist()
+        if step < 0:
+            return None
+        # The failure path: syncs are fine. The micro-batch that went bad first may be another process's.
+        records = [(r[1], process, r[2]) for process, r in enumerate(self.accelerator.gather(self.first_bad[None]).tolist())
+                   if r[0] == step]
+        where = ""
+        if records:
+            micro_batch, process, param = min(records)
+            value = "the loss" if param < 0 else f"the gradient of {self.params[param][0]}"
+            on = f" on process {process}" if self.accelerator.num_processes > 1 else ""
+            where = f"; first non-finite: {value} after micro-batch {micro_batch + 1} of {accumulation}{on}"
+        kept = checkpoint_dirs(output_dir)
+        return (f"training diverged: loss {loss:.6g} at step {int(step)}, gradient norm {grad_norm:.6g}{where}; "
+                f"nothing saved after {kept[-1] if kept else 'the start'}; lower --learning_rate, keep "
+                "--max_grad_norm, or try --mixed_precision no")
+
+
+def optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler, micro_batches: list[dict],
+                   guard: FiniteGuard, step: int):
+    """Optimizer step number `step` over `micro_batches` (gradient accumulation). Returns the step's mean
+    loss, its gradient norm before clipping and its token count, as device tensors: nothing here waits
+    for the GPU."""
     inputs = [model_inputs(b, accelerator.device, cfg.attn_implementation) for b in micro_batches]
     # Normalise by the target tokens of the whole step on all processes, so k accumulated
     # micro-batches give the same update as one batch k times larger, whatever the padding.
@@ -414,12 +491,17 @@ def optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler, micro
             # DDP averages gradients over processes; the loss is already a global mean.
             accelerator.backward(loss * accelerator.num_processes)
         step_loss += loss.detach()
-    if cfg.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        guard.check_micro_batch(step, i, loss.detach())
+    # An infinite bound clips nothing (it scales by exactly 1) but still gives the norm to check and log.
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+    if isinstance(grad_norm, DTensor):  # FSDP2 returns it sharded
+        grad_norm = grad_norm.full_tensor()
+    step_loss = accelerator.reduce(step_loss, "sum")
+    guard.check_step(step, step_loss, grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return accelerator.reduce(step_loss, "sum"), tokens
+    return step_loss, grad_norm, tokens
 
 
 def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: str = "final",
@@ -452,6 +534,12 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     # run at once, not at its first evaluation.
     eval_set = data.eval_batches(accelerator.process_index, accelerator.num_processes)
     model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, total_steps)
+    # start_run seeded every process alike, so the recipe built the same initial weights (and LoRA
+    # adapters) everywhere: DDP broadcasts rank 0's anyway, but FSDP2 keeps each process's own shard.
+    # From here the RNG draws dropout masks, which must differ between processes, or every process drops
+    # the same units of its batch. A resumed run then restores each process's own RNG state.
+    set_seed(cfg.seed, device_specific=True)
+    guard = FiniteGuard(model, accelerator)
 
     if resume_from:
         progress = load_checkpoint(accelerator, resume_from, batches)
@@ -481,8 +569,15 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     last_eval: dict = {}
     eval_seconds = 0.0
 
+    def stop_if_diverged():
+        error = guard.failure(accum, out)
+        if error:
+            bar.close()  # the error line must not land on the progress bar
+            raise UserError(error)
+
     def run_eval():
         nonlocal last_eval, eval_seconds
+        stop_if_diverged()
         began = time.perf_counter()
         last_eval = evaluate(accelerator.unwrap_model(model), eval_set, byte_lengths, accelerator,
                              cfg.attn_implementation)
@@ -508,6 +603,7 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     # after a resume averages the same steps as in a run never stopped (older checkpoints: the steps since).
     window_loss = torch.full((), progress.get("window_loss", 0.0), device=accelerator.device)
     window_steps = progress.get("window_steps", 0)
+    window_grad_norm = torch.zeros((), device=accelerator.device)  # the largest: spikes are what it is read for
     # Tokens are counted on the device (SFT batches vary in size) and read back on log steps.
     tokens_at_start, new_tokens = tokens, torch.zeros((), dtype=torch.long, device=accelerator.device)
     window_start = started = time.perf_counter()
@@ -522,9 +618,12 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     with StopSignal() as stop:
         while step < total_steps:
             micro_batches = [next(batches) for _ in range(accum)]
-            loss, step_tokens = optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler, micro_batches)
+            lr = scheduler.get_last_lr()[0]  # this step's: the scheduler moves on at its end
+            loss, grad_norm, step_tokens = optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler,
+                                                          micro_batches, guard, step + 1)
             window_loss += loss
             window_steps += 1
+            window_grad_norm = torch.maximum(window_grad_norm, grad_norm)
             new_tokens += step_tokens
             step += 1
             bar.update(1)
@@ -535,19 +634,15 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                 window_tokens = tokens_now() - tokens
                 tokens = tokens_now()
                 elapsed = time.perf_counter() - window_start
-                row = {"step": step, "tokens": tokens, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": window_tokens / elapsed}
+                row = {"step": step, "tokens": tokens, "loss": loss_value, "lr": lr,
+                       "grad_norm": window_grad_norm.item(), "tokens_per_s": window_tokens / elapsed}
                 metrics.write(row)
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
-                if not math.isfinite(loss_value):  # every process sees the same reduced loss, so all stop
-                    bar.close()
-                    kept = checkpoint_dirs(out)
-                    raise UserError(f"training diverged: loss {loss_value} at step {step}; nothing saved after "
-                                    f"{kept[-1] if kept else 'the start'}; lower --learning_rate, keep "
-                                    "--max_grad_norm, or try --mixed_precision no")
+                stop_if_diverged()
                 window_loss.zero_()
                 window_steps = 0
+                window_grad_norm.zero_()
                 window_start = time.perf_counter()
             paused = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
@@ -555,6 +650,7 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
             # At the last step the run finishes anyway, with final/ and the checkpoint that says it is complete.
             stop_now = step < total_steps and _agreed(stop.received, accelerator, step % cfg.log_every == 0)
             if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stop_now:
+                stop_if_diverged()
                 with unwritable_as_error(f"checkpoint step {step}", out):
                     path = save_checkpoint(accelerator, out, progress_now(), batches, cfg.keep_checkpoints)
                 if stop_now:

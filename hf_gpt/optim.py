@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
 from .config import UserError
@@ -33,7 +34,15 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
                              eps=cfg.adam_epsilon, fused=fused or None)
 
 
-def build_scheduler(optimizer, cfg, total_steps: int):
+def build_scheduler(optimizer, cfg, total_steps: int) -> LambdaLR:
+    """transformers' schedule with nanoGPT's warmup, (step + 1) / (warmup + 1) of the rate: transformers'
+    warmup starts at 0, which spends the first step training nothing."""
+    decay = _transformers_schedule(optimizer, cfg, total_steps).lr_lambdas[0]
+    warmup = cfg.warmup_steps
+    return LambdaLR(optimizer, lambda step: (step + 1) / (warmup + 1) if step < warmup else decay(step))
+
+
+def _transformers_schedule(optimizer, cfg, total_steps: int):
     warmup = cfg.warmup_steps
     if cfg.lr_scheduler == "cosine":
         return get_scheduler("cosine_with_min_lr", optimizer, warmup, total_steps,

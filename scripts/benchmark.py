@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from hf_gpt.config import PretrainConfig, UserError, load_config, run_cli  # noqa: E402
 from hf_gpt.data import positions_from_eos  # noqa: E402
-from hf_gpt.engine import accumulation_steps, optimizer_step, prepare_training, start_run  # noqa: E402
+from hf_gpt.engine import FiniteGuard, accumulation_steps, optimizer_step, prepare_training, start_run  # noqa: E402
 from hf_gpt.model import build_model  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # datasheet peak (SXM); the measured matmul ceiling here is ~798
@@ -97,6 +97,7 @@ def benchmark_train(cfg) -> dict:
     accum = accumulation_steps(cfg, cfg.micro_batch_size * cfg.block_size, accelerator.num_processes)
     steps = cfg.benchmark_warmup_steps + cfg.benchmark_steps
     model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, steps)
+    guard = FiniteGuard(model, accelerator)  # part of every training step, so part of its timing
     model.train()
     cuda = accelerator.device.type == "cuda"
     if cuda:
@@ -107,8 +108,8 @@ def benchmark_train(cfg) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        loss, _ = optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler,
-                                 [next(batches) for _ in range(accum)])
+        loss, _, _ = optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler,
+                                    [next(batches) for _ in range(accum)], guard, step + 1)
         losses.append(loss)
     if cuda:
         torch.cuda.synchronize()

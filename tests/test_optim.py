@@ -1,8 +1,10 @@
 from types import SimpleNamespace
 
+import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hf_gpt.optim import build_optimizer, decay_parameter_names
+from hf_gpt.optim import build_optimizer, build_scheduler, decay_parameter_names
 
 
 def cfg(**kw):
@@ -33,3 +35,15 @@ def test_seed_article_setting_decays_everything():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
     decay, no_decay = build_optimizer(model, cfg(weight_decay_everywhere=True)).param_groups
     assert not no_decay["params"] and len(decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd", "constant", "linear"])
+def test_warmup_starts_above_zero_and_reaches_the_full_rate(kind):
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = build_scheduler(optimizer, cfg(lr_scheduler=kind, warmup_steps=3, min_lr_ratio=0.1, decay_ratio=0.2), 10)
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.25, 0.5, 0.75, 1.0])  # nanoGPT's (step + 1) / (warmup + 1), then the schedule

@@ -1,0 +1,169 @@
+"""What a subtly broken training loop would get wrong while it still trains: the gradient scale over
+processes, the learning rate of each step, clipping, evaluation mode, bf16 autocast, the token-shard
+stream on resume, and a non-finite gradient at a finite loss."""
+
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from conftest import run_script
+from hf_gpt.config import PretrainConfig, UserError, load_config
+from hf_gpt.data import PretrainData
+from hf_gpt.engine import checkpoint_dirs, evaluate, start_run, train
+from hf_gpt.model import build_model
+from hf_gpt.optim import build_scheduler
+from hf_gpt.tokenizer import load_tokenizer
+from test_engine import in_process_run, launch_two, losses
+
+
+def rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run) -> dict:
+    return AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+
+
+def test_two_processes_train_like_one_with_twice_the_batch(tiny_args, tmp_path):
+    # As in test_accumulation_equals_one_large_batch, a huge Adam epsilon makes the update linear in the
+    # gradient, so that a gradient scaled wrongly over processes shows in the weights.
+    common = [*tiny_args, "--max_steps", "2", "--learning_rate", "10", "--adam_epsilon", "100", "--warmup_steps", "0",
+              "--max_grad_norm", "0"]
+    one = in_process_run([*common, "--micro_batch_size", "8", "--output_dir", str(tmp_path / "one")])
+    # Each of the two processes takes 4 of the 8 rows the one process reads (tests/two_process_train.py).
+    launch_two("tests/two_process_train.py", *common, "--micro_batch_size", "8", "--output_dir", str(tmp_path / "two"))
+    two = final_weights(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["built"] == ranks[1]["built"]  # the recipe built the same weights on both processes
+    assert ranks[0]["rand"] != ranks[1]["rand"]  # but each draws its own dropout masks
+
+
+def schedule(cfg, steps: int) -> list[float]:
+    """The learning rate of each step, from a fresh scheduler stepped once per step."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_each_step_logs_the_learning_rate_it_trained_with(tiny_args, tmp_path):
+    args = [*tiny_args, "--max_steps", "6", "--warmup_steps", "3", "--lr_scheduler", "cosine"]
+    in_process_run([*args, "--output_dir", str(tmp_path / "run")])
+    cfg = load_config(PretrainConfig, args)
+    logged = [r["lr"] for r in rows(tmp_path / "run") if "lr" in r]
+    assert logged[0] == pytest.approx(cfg.learning_rate / 4)  # warmup's first step already learns
+    assert logged == pytest.approx(schedule(cfg, 6), rel=1e-9)
+
+
+def test_the_logged_gradient_norm_is_before_clipping_and_clipping_bounds_the_update(tiny_args, tmp_path):
+    # With a huge Adam epsilon, AdamW's first update is lr / eps x the gradient it received (here x 1), so
+    # the size of the update is the norm of the gradient after clipping.
+    args = [*tiny_args, "--max_steps", "1", "--learning_rate", "1000", "--adam_epsilon", "1000", "--warmup_steps", "0",
+            "--weight_decay", "0"]
+    cfg = load_config(PretrainConfig, args)
+    set_seed(cfg.seed)  # as start_run does before the recipe builds the model
+    initial = dict(build_model(cfg, 512, 0).named_parameters())
+
+    def update_norm(weights):
+        return math.sqrt(sum(((weights[n] - p.detach()).double() ** 2).sum().item() for n, p in initial.items()))
+
+    clipped = in_process_run([*args, "--max_grad_norm", "0.05", "--output_dir", str(tmp_path / "clipped")])
+    unclipped = in_process_run([*args, "--max_grad_norm", "0", "--output_dir", str(tmp_path / "unclipped")])
+    norms = [rows(tmp_path / run)[0]["grad_norm"] for run in ("clipped", "unclipped")]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-6) and norms[0] > 0.2  # logged before clipping
+    assert update_norm(unclipped) == pytest.approx(norms[1], rel=1e-3)
+    assert update_norm(clipped) == pytest.approx(0.05, rel=1e-3)
+
+
+def test_evaluation_runs_the_model_in_eval_mode():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                       resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "labels": ids}]
+    one_process = SimpleNamespace(device=torch.device("cpu"), reduce=lambda tensor, op: tensor)
+    model.train()
+    first, second = (evaluate(model, batches, torch.ones(64), one_process, "sdpa")["val_loss"] for _ in range(2))
+    assert model.training  # left as it was found
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss.item()
+    assert first == second == pytest.approx(expected, rel=1e-6)
+
+
+def test_bf16_autocast_on_cpu_trains_close_to_fp32(tiny_args, tmp_path):
+    args = [*tiny_args, "--max_steps", "8"]
+    in_process_run([*args, "--output_dir", str(tmp_path / "fp32")])
+    # A fresh process: Accelerate fixes the mixed precision once per process.
+    run_script("scripts/pretrain.py", *args, "--mixed_precision", "bf16", "--output_dir", str(tmp_path / "bf16"))
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["mixed_precision"] == "bf16"
+    weights = load_file(tmp_path / "bf16" / "final" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # autocast computes in bf16, weights stay fp32
+    assert bf16[8] < bf16[1] - 0.2  # it trains
+    gaps = [abs(bf16[s] - fp32[s]) for s in fp32]
+    assert 0 < max(gaps) < 0.01, gaps  # computed in bf16 (not identical), yet close
+
+
+def test_token_shards_resume_exactly(corpus, tokenizer_dir, tiny_args, tmp_path):
+    shards = tmp_path / "shards"
+    run_script("scripts/prepare_data.py", "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir),
+               "--holdout_fraction", "0.1", "--shard_tokens", "1000", "--out", str(shards))
+    args = [*tiny_args, "--dataset", str(shards), "--max_steps", "12", "--save_every", "4", "--keep_checkpoints", "0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_script("scripts/pretrain.py", *args, "--output_dir", str(straight))
+    # What kill -9 after the step-4 checkpoint leaves: the run so far, nothing after that checkpoint.
+    shutil.copytree(straight, resumed)
+    for later in [*checkpoint_dirs(resumed)[1:], resumed / "final"]:
+        shutil.rmtree(later)
+    weights = in_process_run([*args, "--output_dir", str(resumed), "--resume"])
+    a, b = losses(straight), losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    expected = final_weights(straight)
+    for name in expected:
+        torch.testing.assert_close(weights[name], expected[name], atol=1e-6, rtol=0)
+
+
+def test_an_inf_gradient_at_a_finite_loss_stops_the_run_before_it_reaches_the_weights(tiny_args, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(PretrainConfig, [*tiny_args, "--max_steps", "8", "--gradient_accumulation_steps", "2",
+                                       "--save_every", "2", "--log_every", "5", "--output_dir", str(run)])
+    accelerator = start_run(cfg)
+    data = PretrainData(cfg, load_tokenizer(cfg.tokenizer))
+    model = build_model(cfg, len(data.tokenizer), data.tokenizer.eos_token_id)
+    name = "transformer.h.1.mlp.c_fc.weight"
+    backward_passes = 0
+
+    def poison(grad):  # one inf in this gradient at step 3's second micro-batch; the loss stays finite
+        nonlocal backward_passes
+        backward_passes += 1
+        if backward_passes == 3 * 2:
+            grad = grad.clone()
+            grad[0, 0] = math.inf
+        return grad
+
+    model.get_parameter(name).register_hook(poison)
+    with pytest.raises(UserError) as error:
+        train(cfg, model, data.tokenizer, data, accelerator)
+    message = str(error.value)
+    assert message.startswith("training diverged: loss ") and " at step 3, gradient norm inf" in message, message
+    assert math.isfinite(float(message.split()[3]))
+    assert f"first non-finite: the gradient of {name} after micro-batch 2 of 2;" in message, message
+    # Found before the step-4 checkpoint (the first host check after step 3), which is never written.
+    assert "nothing saved after " + str(run / "checkpoints" / "step_00000002") in message
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_00000002"] and not (run / "final").exists()
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # step 3 never reached the weights
