@@ -603,7 +603,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     # after a resume averages the same steps as in a run never stopped (older checkpoints: the steps since).
     window_loss = torch.full((), progress.get("window_loss", 0.0), device=accelerator.device)
     window_steps = progress.get("window_steps", 0)
-    window_grad_norm = torch.zeros((), device=accelerator.device)  # the largest: spikes are what it is read for
+    # The largest gradient norm of the window: spikes are what it is read for.
+    window_grad_norm = torch.full((), progress.get("window_grad_norm", 0.0), device=accelerator.device)
     # Tokens are counted on the device (SFT batches vary in size) and read back on log steps.
     tokens_at_start, new_tokens = tokens, torch.zeros((), dtype=torch.long, device=accelerator.device)
     window_start = started = time.perf_counter()
@@ -612,7 +613,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
         return tokens_at_start + int(new_tokens.item())
 
     def progress_now() -> dict:
-        return {"step": step, "tokens": tokens_now(), "window_loss": window_loss.item(), "window_steps": window_steps}
+        return {"step": step, "tokens": tokens_now(), "window_loss": window_loss.item(), "window_steps": window_steps,
+                "window_grad_norm": window_grad_norm.item()}
 
     stopped = False
     with StopSignal() as stop:

@@ -263,7 +263,7 @@ def refusal(cfg: LoraRunConfig, capsys) -> str:
     with pytest.raises(SystemExit) as stopped:
         run_cli(lambda: run_lora(cfg))
     err = capsys.readouterr().err
-    assert stopped.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1 and err.strip().startswith("error: "), err
     return err
 
 
