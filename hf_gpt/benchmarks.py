@@ -14,7 +14,7 @@ from pathlib import Path
 from datasets import load_dataset
 from tqdm.auto import tqdm
 
-from .config import UserError
+from .config import UserError, first_line
 from .data import DocumentSource, in_holdout
 from .evaluation import load_metric, loglikelihood, rolling_loglikelihood
 
@@ -74,7 +74,7 @@ def load_benchmark(task: str, file: str | None = None, limit: int | None = None)
                 records = list(load_dataset("json", data_files=str(path), split="train"))
         except Exception as e:
             raise UserError(f"{spec.title}: {file} could not be read as {'text' if as_text else 'JSON Lines'}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                            f"{first_line(e)}") from None
         source = {"file": str(path)}
     else:
         try:

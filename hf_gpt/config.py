@@ -22,6 +22,11 @@ class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2, no traceback."""
 
 
+def first_line(e: Exception) -> str:
+    """An exception as `Type: the first line of its message`, for a one-line error."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 @dataclass
 class TrainConfig:
     """Fields of the shared training loop (hf_gpt.engine); every recipe has them."""

@@ -26,7 +26,7 @@ from datasets import IterableDataset, load_dataset
 from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 from datasets.distributed import split_dataset_by_node
 
-from .config import UserError
+from .config import UserError, first_line
 
 STDLIB = "stdlib"
 LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -130,8 +130,7 @@ class DocumentSource:
             return load_dataset(*self.args, split=split, streaming=True, **kwargs)
         except Exception as e:  # the Hub raises many kinds (offline, 404, gated, no split): one line each
             where = f"from the Hub (split {split})" if not self.files else "from local files"
-            raise UserError(f"dataset '{self.name}' could not be loaded {where}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            raise UserError(f"dataset '{self.name}' could not be loaded {where}: {first_line(e)}") from None
 
     def describe_error(self, error: Exception) -> UserError:
         if isinstance(error, UnicodeDecodeError):
@@ -251,10 +250,10 @@ class PackedBatches:
             raise StopIteration
         tokens, self.tokens = self.tokens[:n], self.tokens[n:]
         positions, self.positions = self.positions[:n], self.positions[n:]
-        batch = _padded_rows(tokens, self.block_size)
+        batch = _token_batch(tokens, self.block_size)
         if self.document_masking:
             # A document cut by a block boundary starts again at position 0 in the next row.
-            pos = _padded_rows(positions, self.block_size)["input_ids"]
+            pos = _rows(positions, self.block_size)
             batch["position_ids"] = pos - _carry_offset(pos)
         return batch
 
@@ -273,15 +272,29 @@ class PackedBatches:
         self.rng.bit_generator.state = state["rng"]
 
 
-def _padded_rows(tokens: np.ndarray, block_size: int) -> dict[str, torch.Tensor]:
-    """`input_ids` and `labels` in rows of block_size. Only the end of a one-pass read is short: it is
-    padded with zeros that carry no loss (as position ids, zeros open one-token documents of their own)."""
-    rows = -(-len(tokens) // block_size)
-    input_ids = torch.zeros(rows * block_size, dtype=torch.long)
-    input_ids[:len(tokens)] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+def process_share(batches: list[dict], process_index: int, num_processes: int) -> list[dict]:
+    """This process's share of a fixed list of batches (validation). Every process gets as many, the list
+    topped up with copies that carry no targets: sharded models (FSDP) run each forward on all processes."""
+    batches = list(batches)
+    while batches and len(batches) % num_processes:
+        batches.append({**batches[-1], "labels": torch.full_like(batches[-1]["labels"], -100)})
+    return batches[process_index::num_processes]
+
+
+def _rows(values: np.ndarray, block_size: int) -> torch.Tensor:
+    """`values` in rows of block_size. Only the end of a one-pass read is short: it is padded with zeros
+    (as position ids, zeros open one-token documents of their own)."""
+    rows = torch.zeros(-(-len(values) // block_size) * block_size, dtype=torch.long)
+    rows[:len(values)] = torch.from_numpy(np.asarray(values, dtype=np.int64))
+    return rows.view(-1, block_size)
+
+
+def _token_batch(tokens: np.ndarray, block_size: int) -> dict[str, torch.Tensor]:
+    """`input_ids` and `labels` in rows of block_size; padding carries no loss."""
+    input_ids = _rows(tokens, block_size)
     labels = input_ids.clone()
-    labels[len(tokens):] = -100
-    return {"input_ids": input_ids.view(rows, block_size), "labels": labels.view(rows, block_size)}
+    labels.view(-1)[len(tokens):] = -100
+    return {"input_ids": input_ids, "labels": labels}
 
 
 def _carry_offset(pos: torch.Tensor) -> torch.Tensor:
@@ -331,7 +344,6 @@ class PretrainData:
 
         Whatever the training's crop and masking, validation reads whole documents that each attend only
         to themselves, so runs of different recipes (the seed article's, an ablation) are measured alike.
-        Every process gets the same number of batches (topped up with one that carries no targets).
         """
         cfg = self.cfg
         if self.shards:
@@ -349,9 +361,7 @@ class PretrainData:
             raise self.source.describe_error(e) if self.source else e from None
         if not taken:
             raise UserError(self._empty_validation())
-        while len(taken) % num_processes:
-            taken.append({**taken[-1], "labels": torch.full_like(taken[-1]["labels"], -100)})
-        return taken[process_index::num_processes]
+        return process_share(taken, process_index, num_processes)
 
     def _empty_validation(self) -> str:
         if self.shards:
@@ -451,7 +461,7 @@ class ShardBatches:
                     raise StopIteration
             else:
                 self.offset, self.epoch = self.lo, self.epoch + 1
-        batch = _padded_rows(np.asarray(self.tokens[self.offset:self.offset + n]), self.block_size)
+        batch = _token_batch(np.asarray(self.tokens[self.offset:self.offset + n]), self.block_size)
         self.offset += n
         if self.document_masking:
             batch["position_ids"] = positions_from_eos(batch["input_ids"], self.eos)

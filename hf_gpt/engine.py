@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from .config import UserError, save_config
+from .config import UserError, first_line, save_config
 from .evaluation import token_byte_lengths
 from .metrics_log import MetricsLog
 from .model import causal_lm_loss, document_mask_inputs
@@ -377,8 +377,7 @@ def unwritable_as_error(what: str, folder: Path):
         yield
     except (OSError, RuntimeError, SafetensorError) as e:
         free = shutil.disk_usage(folder).free / 2**20
-        raise UserError(f"could not write {what} in {folder}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''} ({free:,.0f} MiB free there)") from None
+        raise UserError(f"could not write {what} in {folder}: {first_line(e)} ({free:,.0f} MiB free there)") from None
 
 
 def prepare_training(cfg, model, accelerator, total_steps: int):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from .config import UserError
+from .config import UserError, first_line
 from .tokenizer import check_source, load_tokenizer
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
@@ -50,10 +50,6 @@ def token_byte_lengths(tokenizer, size: int | None = None) -> torch.Tensor:
     return lengths
 
 
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
 def load_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) in eval mode from a Hub id, a Hub-format folder, or a PEFT adapter folder.
 
@@ -75,7 +71,7 @@ def load_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: 
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
             tokenizer_source = name_or_path
     except Exception as e:  # offline, 404, broken weights: all one line
-        raise UserError(f"model '{name_or_path}' could not be loaded: {_first_line(e)}") from None
+        raise UserError(f"model '{name_or_path}' could not be loaded: {first_line(e)}") from None
     tokenizer = load_tokenizer(tokenizer_source)
     return model.to(device).eval(), tokenizer
 

@@ -500,6 +500,18 @@ def _explain(e: BaseException, repo_id: str, endpoint: str) -> str | None:
     return None
 
 
+def hub_login(repo_id: str, token: str | None = None, *, missing: str = "no Hugging Face token") -> tuple[HfApi, str]:
+    """An API client and the user the Hub says the token (given, HF_TOKEN or `hf auth login`'s) belongs to;
+    one line when there is no token or the Hub refuses it. `missing` opens the line for a missing token."""
+    token = token or get_token()
+    if not token:
+        raise UserError(f"{missing}: run `hf auth login` or set HF_TOKEN (a token with write access, "
+                        "https://huggingface.co/settings/tokens)")
+    api = HfApi(token=token)
+    with hub_errors(repo_id, api.endpoint):
+        return api, api.whoami()["name"]
+
+
 def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None, revision: str | None = None,
                 create_pr: bool = False, token: str | None = None, results: str | Path | None = None,
                 commit_message: str | None = None, license: str = "mit", language: list[str] | None = None,
@@ -521,13 +533,8 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None
         print(f"note: {info.path} does not say how it was made (no provenance.json, no summary.json next to it): "
               "pushing it private; pass --public to publish it")
     private = info.visibility(private)
-    token = token or get_token()
-    if not token:
-        raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a token with write access, "
-                        "https://huggingface.co/settings/tokens)")
-    api = HfApi(token=token)
+    api, user = hub_login(repo_id, token)
     with hub_errors(repo_id, api.endpoint):
-        user = api.whoami()["name"]
         repo_id = repo_id if "/" in repo_id else f"{user}/{repo_id}"
         if private:  # create_repo ignores `private` for a repo that exists: never push private data to a public one
             try:

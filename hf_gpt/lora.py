@@ -26,8 +26,8 @@ from accelerate import PartialState
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
 
-from .config import TrainConfig, UserError
-from .data import PackedBatches, positions_from_eos
+from .config import TrainConfig, UserError, first_line
+from .data import PackedBatches, positions_from_eos, process_share
 from .engine import accumulation_steps, evaluate, replace_folder, sample, start_run, train
 from .evaluation import token_byte_lengths
 from .hub import mark_personal
@@ -269,7 +269,7 @@ class WritingData:
 
     def eval_batches(self, process_index: int, num_processes: int) -> list[dict]:
         """The held-out writing as the adapter is meant to be used: after the trigger, when there is one."""
-        return self.heldout(self.trigger_id is not None, num_processes)[process_index::num_processes]
+        return process_share(self.heldout(self.trigger_id is not None, num_processes), process_index, num_processes)
 
 
 def heldout_batches(cfg: LoraRunConfig, heldout_ids: list[list[int]], eos: int, trigger_id: int | None,
@@ -299,8 +299,7 @@ def load_base_model(cfg: LoraRunConfig, name: str):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
                                                      attn_implementation=attention_name(cfg.attn_implementation))
     except Exception as e:  # missing folder, offline Hub, bad weights: one line each
-        raise UserError(f"model '{cfg.model}' could not be loaded: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(f"model '{cfg.model}' could not be loaded: {first_line(e)}") from None
     context = getattr(model.config, "n_positions", None)
     if context and cfg.block_size > context:
         raise UserError(f"block_size {cfg.block_size} is longer than the model's context ({context})")
@@ -427,8 +426,6 @@ def check_config(cfg: LoraRunConfig) -> None:
         raise UserError("set --model: the base model folder (e.g. runs/sft/final) or a Hub id")
     if not cfg.writing:
         raise UserError("set --writing: a folder of your .txt/.md writing, or one file")
-    if cfg.r < 0:
-        raise UserError(f"r must be 0 or more, not {cfg.r}")
     if cfg.r == 0 and not cfg.trigger_token:
         raise UserError("r 0 trains the trigger token alone: set --trigger_token too")
 

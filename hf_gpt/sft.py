@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, UserError
+from .config import TrainConfig, UserError, first_line
+from .data import process_share
 from .evaluation import MODEL_FILES
 from .generation import chat_prompt_ids, generate
 from .tokenizer import check_source
@@ -136,8 +137,7 @@ def load_base_model(cfg: SFTConfig, tokenizer):
                                                      resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
                                                      attn_pdrop=cfg.dropout)
     except Exception as e:  # missing folder, offline Hub: one line
-        raise UserError(f"model '{cfg.model}' could not be loaded: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(f"model '{cfg.model}' could not be loaded: {first_line(e)}") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.max_new_tokens = cfg.max_new_tokens
     return model
@@ -163,8 +163,7 @@ def read_records(name: str, config: str = "", split: str = "train") -> list[tupl
     try:
         rows = load_dataset(name, config or None, split=split)
     except Exception as e:  # offline, 404, no such split: one line each
-        raise UserError(f"dataset '{name}' could not be loaded (split {split}): {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(f"dataset '{name}' could not be loaded (split {split}): {first_line(e)}") from None
     return [(f"{name} ({split}): record {i + 1}", row) for i, row in enumerate(rows)]
 
 
@@ -453,20 +452,14 @@ class SFTData:
                           process_index=process_index, num_processes=num_processes)
 
     def eval_batches(self, process_index: int, num_processes: int) -> list[dict]:
-        """This process's share of the whole validation split (or its first eval_batches batches).
-
-        Every process gets the same number of batches, topped up with a copy that carries no targets:
-        sharded models (FSDP) need every process to run each forward pass together.
-        """
+        """This process's share (hf_gpt.data.process_share) of the whole validation split (or its first
+        eval_batches batches)."""
         units, size = self._units(self.val, None), self.cfg.micro_batch_size
         batches = [collate(units[i:i + size], self.tokenizer.pad_token_id, self.cfg.packing)
                    for i in range(0, len(units), size)]
         if self.cfg.eval_batches:
             batches = batches[:self.cfg.eval_batches]
-        mine = batches[process_index::num_processes]
-        while batches and len(mine) < math.ceil(len(batches) / num_processes):
-            mine.append({**batches[0], "labels": torch.full_like(batches[0]["labels"], -100)})
-        return mine
+        return process_share(batches, process_index, num_processes)
 
     def steps_per_epoch(self, num_processes: int, accumulation: int) -> int:
         """Optimizer steps per pass over the training split (micro-batches left over roll into the next)."""

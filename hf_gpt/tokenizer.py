@@ -9,7 +9,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
-from .config import UserError
+from .config import UserError, first_line
 
 EOS = "<|endoftext|>"
 
@@ -42,8 +42,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         else:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # offline, missing folder, 404: all one line
-        raise UserError(f"tokenizer '{name_or_path}' could not be loaded: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(f"tokenizer '{name_or_path}' could not be loaded: {first_line(e)}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{name_or_path}' has no end-of-text token")
     return tokenizer

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
-from hf_gpt.config import PretrainConfig, UserError, load_config, run_cli  # noqa: E402
+from hf_gpt.config import PretrainConfig, load_config, run_cli  # noqa: E402
 from hf_gpt.data import PretrainData  # noqa: E402
 from hf_gpt.engine import start_run, train  # noqa: E402
 from hf_gpt.model import build_model  # noqa: E402
@@ -19,18 +19,10 @@ from hf_gpt.tokenizer import prepare_tokenizer  # noqa: E402
 
 def check_hub_login(repo_id: str) -> None:
     """--push_to_hub: the repo id, the token and the Hub's answer are checked before training, not after it."""
-    from huggingface_hub import HfApi, get_token
-
-    from hf_gpt.hub import check_names, hub_errors
+    from hf_gpt.hub import check_names, hub_login
 
     check_names(repo_id)
-    token = get_token()
-    if not token:
-        raise UserError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN (a token with "
-                        "write access, https://huggingface.co/settings/tokens)")
-    api = HfApi(token=token)
-    with hub_errors(repo_id, api.endpoint):
-        api.whoami()
+    hub_login(repo_id, missing="--push_to_hub needs a Hugging Face token")
 
 
 def main():
