@@ -67,7 +67,8 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = field(default="", metadata={
         "help": "torch.compile mode: '' (default), max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs), max-autotune."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flex_attention"})
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": "sdpa | eager | flex_attention | varlen (packed documents through a variable-length flash kernel; GPU)"})
     fused_cross_entropy: bool = field(
         default=False, metadata={"help": "GPU: Liger's fused linear + cross-entropy, logits never materialised."})
 
@@ -117,6 +118,9 @@ FRACTIONS = {"holdout_fraction", "val_fraction", "test_fraction", "min_lr_ratio"
              "lora_dropout", "adam_beta1", "adam_beta2"}
 
 
+ATTENTION = ("sdpa", "eager", "flex_attention", "varlen")
+
+
 def check(cfg) -> None:
     """Values out of range stop a run before any work (training its tokenizer alone takes a minute)."""
     for name in field_names(type(cfg)):
@@ -128,6 +132,11 @@ def check(cfg) -> None:
             raise UserError(f"{name} must be {'1 or more' if low else '0 or more'}, not {value}")
         if name in FRACTIONS and value > 1:
             raise UserError(f"{name} must be between 0 and 1, not {value}")
+    attention = getattr(cfg, "attn_implementation", "sdpa")
+    if attention not in ATTENTION:
+        raise UserError(f"attn_implementation must be one of {', '.join(ATTENTION)}, not {attention!r}")
+    if attention in ("flex_attention", "varlen") and getattr(cfg, "dropout", 0):
+        raise UserError(f"{attention} has no attention dropout: set --dropout 0 or --attn_implementation sdpa")
 
 
 def load_config(cls, argv: list[str] | None = None, description: str | None = None):

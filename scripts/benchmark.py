@@ -1,16 +1,22 @@
 """Measure training throughput through the engine's real optimizer step; prints one JSON line.
 
+Every GPU figure comes with `vs_reference`: the ratio to a hand-written nanoGPT-style GPT-2 of the same
+shapes (scripts/reference_gpt2.py), measured in the same process on the same batches.
+
     python scripts/benchmark.py --config configs/gpt2-small.yaml                      # random tokens, GPU speed
     python scripts/benchmark.py --config configs/gpt2-small.yaml --attn_implementation flex_attention \\
         --fused_cross_entropy --micro_batch_size 64
     python scripts/benchmark.py --config configs/gpt2-small.yaml --data config    # the config's dataset, real loader
     python scripts/benchmark.py --config configs/gpt2-small.yaml --benchmark loader --dataset data/shards  # CPU side
+    python scripts/benchmark.py --config configs/gpt2-small.yaml --benchmark reference  # the yardstick alone
 
 `--data random` (the default for `--benchmark train`) feeds random tokens cut into documents of random
 length, so the document mask is exercised exactly as with real data while the CPU does no work at all.
 """
 
+import gc
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,7 +38,12 @@ H100_BF16_DENSE_TFLOPS = 989.0  # datasheet peak (SXM); the measured matmul ceil
 class BenchmarkConfig(PretrainConfig):
     output_dir: str = "runs/benchmark"
     data: str = field(default="random", metadata={"help": "train benchmark: random | config (the --dataset, real loader)"})
-    benchmark: str = field(default="train", metadata={"help": "train (GPU step) | loader (data pipeline only)"})
+    benchmark: str = field(default="train", metadata={
+        "help": "train (GPU step) | loader (data pipeline only) | reference (the hand-written GPT-2 alone)"})
+    reference_tokens_per_s: float = field(default=0.0, metadata={
+        "help": "The reference's figure from an earlier measurement in the same call; 0: measure it here."})
+    profile_steps: int = field(default=0, metadata={
+        "help": "Profile this many steps after timing (the reference: 3); kernels by time into output_dir."})
     benchmark_steps: int = 10
     benchmark_warmup_steps: int = 3
     mean_document_tokens: int = field(default=700, metadata={"help": "Random data: mean document length."})
@@ -43,7 +54,7 @@ def random_batches(cfg, vocab_size: int, eos: int, count: int = 8) -> list[dict]
     g = torch.Generator().manual_seed(cfg.seed)
     batches = []
     for _ in range(count):
-        ids = torch.randint(0, min(vocab_size, 50257), (cfg.micro_batch_size, cfg.block_size), generator=g)
+        ids = torch.randint(0, min(vocab_size, eos + 1), (cfg.micro_batch_size, cfg.block_size), generator=g)
         starts = torch.rand(ids.shape, generator=g) < 1 / cfg.mean_document_tokens
         ids[starts] = eos
         batch = {"input_ids": ids, "labels": ids.clone()}
@@ -83,42 +94,52 @@ def benchmark_loader(cfg) -> dict:
 
 def benchmark_train(cfg) -> dict:
     accelerator = start_run(cfg)
+    cuda = accelerator.device.type == "cuda"
     data = data_source(cfg)
     if data is None:
         if not cfg.vocab_size:
             raise UserError("random data needs --vocab_size")
-        vocab, eos = cfg.vocab_size, 50256
+        vocab = cfg.vocab_size
+        eos = min(50256, vocab - 1)  # GPT-2's, or the last id of a smaller vocabulary
         pool = random_batches(cfg, vocab, eos)
         batches = (pool[i % len(pool)] for i in range(10**9))
     else:
         vocab, eos = len(data.tokenizer), data.tokenizer.eos_token_id
         batches = data.train_batches(0, 1)
-    model = build_model(cfg, vocab, eos)
+        pool = [next(batches) for _ in range(8)]
     accum = accumulation_steps(cfg, cfg.micro_batch_size * cfg.block_size, accelerator.num_processes)
+    reference = cfg.reference_tokens_per_s
+    if cuda and not reference and accelerator.num_processes == 1:
+        reference = measure_reference(cfg, pool, cfg.benchmark_steps, cfg.benchmark_warmup_steps, accum)
+    model = build_model(cfg, vocab, eos)
     steps = cfg.benchmark_warmup_steps + cfg.benchmark_steps
-    model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, steps)
-    guard = FiniteGuard(model, accelerator)  # part of every training step, so part of its timing
+    model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, steps + cfg.profile_steps)
+    guard = FiniteGuard(model, accelerator, optimizer)  # part of every training step, so part of its timing
     model.train()
-    cuda = accelerator.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses = []
-    for step in range(steps):
-        if step == cfg.benchmark_warmup_steps:  # compilation and autotuning stay out of the timing
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        loss, _, _ = optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler,
-                                    [next(batches) for _ in range(accum)], guard, step + 1)
-        losses.append(loss)
+
+    def step(number: int):
+        return optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler,
+                              [next(batches) for _ in range(accum)], guard, number)[0]
+
+    for number in range(1, cfg.benchmark_warmup_steps + 1):  # compilation and autotuning stay out of the timing
+        step(number)
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for number in range(cfg.benchmark_warmup_steps + 1, steps + 1):
+        loss = step(number)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     tokens = cfg.benchmark_steps * accum * cfg.micro_batch_size * cfg.block_size * accelerator.num_processes
     tps = tokens / seconds
+    if cfg.profile_steps:
+        profile(lambda: [step(steps + 1 + i) for i in range(cfg.profile_steps)], Path(cfg.output_dir) / "profile.txt")
     import transformers
 
-    result = {
+    return {
         "benchmark": "train", "device": torch.cuda.get_device_name() if cuda else "cpu",
         "processes": accelerator.num_processes, "micro_batch_size": cfg.micro_batch_size,
         "block_size": cfg.block_size, "gradient_accumulation_steps": accum,
@@ -126,19 +147,66 @@ def benchmark_train(cfg) -> dict:
         "attn_implementation": cfg.attn_implementation, "fused_cross_entropy": cfg.fused_cross_entropy,
         "document_masking": cfg.document_masking, "mixed_precision": accelerator.mixed_precision,
         "tokens_per_s": round(tps), "step_time_s": seconds / cfg.benchmark_steps,
+        # per GPU against the reference's one GPU
+        "vs_reference": round(tps / accelerator.num_processes / reference, 4) if reference else None,
+        "reference_tokens_per_s": round(reference) if reference else None,
         "mfu_vs_989_tflops": tps * flops_per_token(accelerator.unwrap_model(model), cfg) / (H100_BF16_DENSE_TFLOPS * 1e12)
         / accelerator.num_processes,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "last_loss": losses[-1].item(),
+        "last_loss": loss.item(),
         "torch": torch.__version__, "transformers": transformers.__version__,
     }
-    return result
+
+
+def measure_reference(cfg, batches, steps: int, warmup: int, accumulation: int) -> float:
+    from reference_gpt2 import measure  # scripts/ is on the path: this file's own folder
+
+    to_file = Path(cfg.output_dir) / "profile_reference.txt"
+    tokens_per_s = measure(cfg, batches, steps, warmup, accumulation,
+                           profile=(lambda run: profile(run, to_file)) if cfg.profile_steps else None)
+    gc.collect()  # the reference's model, optimizer state and activations leave the GPU to the engine
+    torch.cuda.empty_cache()
+    return tokens_per_s
+
+
+def benchmark_reference(cfg) -> dict:
+    if not torch.cuda.is_available():
+        raise UserError("the reference benchmark needs a GPU")
+    if not cfg.vocab_size:
+        raise UserError("the reference needs --vocab_size")
+    accum = accumulation_steps(cfg, cfg.micro_batch_size * cfg.block_size, 1)
+    pool = random_batches(cfg, cfg.vocab_size, min(50256, cfg.vocab_size - 1))
+    tps = measure_reference(cfg, pool, cfg.benchmark_steps, cfg.benchmark_warmup_steps, accum)
+    return {"benchmark": "reference", "device": torch.cuda.get_device_name(), "micro_batch_size": cfg.micro_batch_size,
+            "block_size": cfg.block_size, "gradient_accumulation_steps": accum, "tokens_per_s": round(tps),
+            "torch": torch.__version__}
+
+
+def profile(run, path: Path) -> None:
+    """The kernels of `run()` by total time, into `path` and (the top 25) onto stderr."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = torch.cuda.is_available()
+    with torch_profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=60,
+                                      max_name_column_width=90)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    print("\n".join(table.splitlines()[:30]), file=sys.stderr)
 
 
 def main():
     cfg = load_config(BenchmarkConfig, description=__doc__)
-    result = benchmark_loader(cfg) if cfg.benchmark == "loader" else benchmark_train(cfg)
-    print(json.dumps(result))
+    run = {"loader": benchmark_loader, "train": benchmark_train, "reference": benchmark_reference}.get(cfg.benchmark)
+    if run is None:
+        raise UserError(f"--benchmark must be train, loader or reference, not {cfg.benchmark!r}")
+    result = run(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:  # one line per run, also when every process measured
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

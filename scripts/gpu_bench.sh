@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
-# The throughput measurements of the README, as run on the device GPU: one JSON line per variant.
-# usage: bash scripts/gpu_bench.sh OUT_FILE [variant ...]
+# The README's throughput table, on one GPU: the hand-written reference first, then each variant in its
+# own process with the reference's figure, so every row carries `vs_reference` from the same machine.
+# usage: bash scripts/gpu_bench.sh OUT_FILE [variant ...]     (no variant: all of them)
 set -u
 out=$1; shift
-B="python3 scripts/benchmark.py --config configs/gpt2-small.yaml --gradient_accumulation_steps 1 --benchmark_steps 15 --output_dir /tmp/bench"
+B="python3 scripts/benchmark.py --config configs/gpt2-small.yaml --gradient_accumulation_steps 1 --benchmark_steps 20 --output_dir /tmp/bench"
 declare -A V=(
   [eager_sdpa]="--attn_implementation sdpa --compile False"
-  [sdpa]="--attn_implementation sdpa"
   [sdpa_nomask]="--attn_implementation sdpa --document_masking False"
+  [sdpa]="--attn_implementation sdpa"
   [flex]="--attn_implementation flex_attention"
-  [flex_autotune]="--attn_implementation flex_attention --compile_mode max-autotune-no-cudagraphs"
-  [flex_cudagraphs]="--attn_implementation flex_attention --compile_mode reduce-overhead"
-  [flex_fused]="--attn_implementation flex_attention --fused_cross_entropy"
-  [flex_fused_mb64]="--attn_implementation flex_attention --fused_cross_entropy --micro_batch_size 64"
-  [sdpa_fused_mb64]="--attn_implementation sdpa --fused_cross_entropy --micro_batch_size 64"
+  [varlen]="--attn_implementation varlen"
+  [varlen_mb16]="--attn_implementation varlen --micro_batch_size 16"
+  [varlen_mb64]="--attn_implementation varlen --micro_batch_size 64"
+  [varlen_autotune]="--attn_implementation varlen --compile_mode max-autotune-no-cudagraphs"
+  [varlen_fused]="--attn_implementation varlen --fused_cross_entropy"
 )
+ORDER="sdpa_nomask sdpa flex varlen varlen_mb16 varlen_mb64 varlen_autotune varlen_fused eager_sdpa"
+[ $# -eq 0 ] && set -- $ORDER
+echo "== reference"
+ref=$($B --benchmark reference 2>/tmp/bench_reference.log | grep '^{' | tee -a "$out" | python3 -c "import json,sys; print(json.load(sys.stdin)['tokens_per_s'])") \
+  || { tail -3 /tmp/bench_reference.log; exit 1; }
+echo "reference: $ref tokens/s"
 for name in "$@"; do
   echo "== $name"
-  timeout 150 $B ${V[$name]} 2>&1 | tee /tmp/bench_$name.log | grep '^{' | sed "s/^{/{\"variant\": \"$name\", /" | tee -a "$out"
-  grep -E "Error|error" /tmp/bench_$name.log | tail -3
+  timeout 240 $B ${V[$name]} --reference_tokens_per_s "$ref" > /tmp/bench_$name.log 2>&1
+  grep '^{' /tmp/bench_$name.log | sed "s/^{/{\"variant\": \"$name\", /" | tee -a "$out" | cut -c1-40 >/dev/null \
+    || grep -E "Error|error" /tmp/bench_$name.log | tail -3
 done
+python3 - "$out" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+for r in rows:
+    print(f"{r.get('variant', r['benchmark']):16} {r['tokens_per_s']:>9,} tok/s  x{r.get('vs_reference') or 1:.3f} of the reference"
+          f"  mb {r['micro_batch_size']}  peak {r.get('peak_memory_gib') or 0:.1f} GiB")
+EOF

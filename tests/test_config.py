@@ -58,13 +58,16 @@ def test_a_recipe_with_a_token_budget_trains_for_it():
     ("sft", ["--test_fraction", "1.5"], "test_fraction must be between 0 and 1, not 1.5"),
     ("lora", ["--block_size", "0"], "block_size must be 1 or more, not 0"),
     ("lora", ["--learning_rate", "nan"], "learning_rate must be 0 or more, not nan"),
+    ("pretrain", ["--attn_implementation", "flash"], "attn_implementation must be one of sdpa, eager, "),
+    ("pretrain", ["--attn_implementation", "varlen", "--dropout", "0.1"], "varlen has no attention dropout"),
+    ("sft", ["--attn_implementation", "flex_attention", "--dropout", "0.1"], "flex_attention has no attention dropout"),
 ])
 def test_every_recipe_checks_its_values_when_parsed(recipe, args, message):
     from hf_gpt.lora import LoraRunConfig
     from hf_gpt.sft import SFTConfig
 
     with pytest.raises(UserError, match=message):
-        load_config({"sft": SFTConfig, "lora": LoraRunConfig}[recipe], args)
+        load_config({"pretrain": PretrainConfig, "sft": SFTConfig, "lora": LoraRunConfig}[recipe], args)
 
 
 def cleared_bar():  # compare's bars: done and cleared, which in a log leaves the line unended

@@ -167,3 +167,59 @@ def test_an_inf_gradient_at_a_finite_loss_stops_the_run_before_it_reaches_the_we
     assert "nothing saved after " + str(run / "checkpoints" / "step_00000002") in message
     assert [p.name for p in checkpoint_dirs(run)] == ["step_00000002"] and not (run / "final").exists()
     assert all(torch.isfinite(p).all() for p in model.parameters())  # step 3 never reached the weights
+
+
+def test_a_fused_adamw_skips_a_non_finite_step_whole():
+    """With a fused AdamW (GPUs) the guard sets the optimizer's found_inf flag instead of zeroing each
+    gradient: the bad step changes neither weights nor AdamW's state, the next finite step updates."""
+    from types import SimpleNamespace
+
+    from hf_gpt.engine import FiniteGuard
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, scaler=None, device=torch.device("cpu"))
+    guard = FiniteGuard(model, accelerator, optimizer)
+    assert guard.fused is optimizer
+
+    def step(number, poison):
+        loss = model(torch.ones(1, 3)).sum()
+        loss.backward()
+        if poison:
+            model.weight.grad[0, 0] = math.inf
+        guard.check_step(number, loss.detach(), torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
+        optimizer.step()
+        optimizer.zero_grad()
+
+    before = [p.detach().clone() for p in model.parameters()]
+    step(1, poison=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(s["step"].item() == 0 for s in optimizer.state.values())
+    assert guard.failed[0].item() == 1 and guard.failed[2].item() == math.inf
+    step(2, poison=False)
+    assert not torch.equal(before[0], model.weight) and guard.failed[0].item() == 1  # the first failure stays
+
+
+def test_mixed_precision_training_forward_keeps_bf16_logits_and_an_fp32_loss():
+    """Accelerate converts every half-precision output to float32: for the training forward a float32 copy
+    of the (tokens x vocabulary) logits that nothing reads. The engine unwraps that conversion only."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_gpt.engine import keep_outputs_in_half
+
+    AcceleratorState._reset_state(True)
+    try:
+        accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+        config = GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=1, n_head=4, eos_token_id=0)
+        model = accelerator.prepare(GPT2LMHeadModel(config).eval())  # eval: no dropout, so both calls agree
+        ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+        before = model(input_ids=ids, labels=ids)
+        assert before.logits.dtype == torch.float32
+        keep_outputs_in_half(accelerator.unwrap_model(model))
+        after = model(input_ids=ids, labels=ids)
+        assert after.logits.dtype == torch.bfloat16  # autocast still on
+        assert after.loss.dtype == torch.float32 and torch.equal(after.loss, before.loss)
+    finally:
+        AcceleratorState._reset_state(True)

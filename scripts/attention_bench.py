@@ -1,0 +1,105 @@
+"""Attention kernels for packed documents on one GPU: forward + backward time of one layer's attention,
+and each kernel's error against PyTorch's variable-length flash kernel (FA2). Prints one line a kernel.
+
+    python scripts/attention_bench.py --micro_batch_size 32 --block_size 1024
+
+`causal, no documents` is what the hand-written reference (scripts/reference_gpt2.py) runs: the same
+batch with the causal triangle only, so it does more work than document masking needs.
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--micro_batch_size", type=int, default=32)
+    parser.add_argument("--block_size", type=int, default=1024)
+    parser.add_argument("--n_head", type=int, default=12)
+    parser.add_argument("--head_dim", type=int, default=64)
+    parser.add_argument("--mean_document_tokens", type=int, default=700)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.exit(2, "error: the attention benchmark needs a GPU\n")
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.varlen import varlen_attn
+
+    B, T, H, D = args.micro_batch_size, args.block_size, args.n_head, args.head_dim
+    g = torch.Generator().manual_seed(0)
+    starts = torch.rand(B, T, generator=g) < 1 / args.mean_document_tokens
+    starts[:, 0] = True  # every row starts a document, as in the engine's batches
+    offsets = starts.flatten().nonzero().flatten()
+    cu = torch.cat([offsets, torch.tensor([B * T])]).to(torch.int32).cuda()
+    docs = starts.cumsum(dim=1).cuda()
+    print(f"{B} x {T} tokens, {len(cu) - 1} documents, {H} heads of {D}")
+    q0, k0, v0, grad = (torch.randn(B * T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    scale = D ** -0.5
+    causal = {"window_size": (-1, 0)}  # torch >= 2.11; earlier releases: is_causal=True
+    import inspect
+
+    if "window_size" not in inspect.signature(varlen_attn).parameters:
+        causal = {"is_causal": True}
+
+    def rows(t):  # (B*T, H, D) -> (B, H, T, D)
+        return t.view(B, T, H, D).transpose(1, 2)
+
+    def unrows(t):
+        return t.transpose(1, 2).reshape(B * T, H, D)
+
+    def fa2_varlen(q, k, v):
+        return varlen_attn(q, k, v, cu, cu, T, T, scale=scale, **causal)
+
+    block_mask = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (docs[b, qi] == docs[b, ki]), B, None, T, T)
+    flex = torch.compile(flex_attention)
+
+    def flex_blockmask(q, k, v):
+        return unrows(flex(rows(q), rows(k), rows(v), block_mask=block_mask, scale=scale))
+
+    dense = ((docs[:, :, None] == docs[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device="cuda").tril())[:, None]
+
+    def sdpa_dense_mask(q, k, v):
+        return unrows(F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=dense, scale=scale))
+
+    def causal_no_documents(q, k, v):
+        return unrows(F.scaled_dot_product_attention(rows(q), rows(k), rows(v), is_causal=True, scale=scale))
+
+    def nested_jagged(q, k, v):
+        nested = [torch.nested.nested_tensor_from_jagged(t, cu.long()).transpose(1, 2) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*nested, is_causal=True, scale=scale).transpose(1, 2).values()
+
+    def run(fn):
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q0, k0, v0))
+        out = fn(q, k, v)
+        out.backward(grad)
+        return [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
+
+    def time_ms(fn, repeats=20):
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q0, k0, v0))
+        for _ in range(3):
+            fn(q, k, v).backward(grad)
+        times = []
+        for _ in range(repeats):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn(q, k, v).backward(grad)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end))
+        return sorted(times)[repeats // 2]
+
+    reference = run(fa2_varlen)
+    for name, fn in [("FA2 varlen", fa2_varlen), ("flex + BlockMask", flex_blockmask),
+                     ("sdpa + dense mask", sdpa_dense_mask), ("nested (jagged) sdpa", nested_jagged),
+                     ("causal, no documents", causal_no_documents)]:
+        try:
+            errors = [((a - b).norm() / b.norm()).item() for a, b in zip(run(fn), reference)]
+            print(f"{name:22} {time_ms(fn):7.3f} ms fwd+bwd   error out/dq/dk/dv vs FA2 varlen: "
+                  + " ".join(f"{e:.1e}" for e in errors))
+        except Exception as e:  # a kernel this torch cannot run for these inputs
+            print(f"{name:22} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+if __name__ == "__main__":
+    main()
