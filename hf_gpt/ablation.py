@@ -363,8 +363,8 @@ def execute(ablation: Ablation, runs: list[Run], slots: list[dict], bar) -> None
                     process.terminate()
                 for run, process, _ in active.values():
                     process.wait()
-                raise UserError("stopped by a signal; runs in progress saved a checkpoint: the same command "
-                                "continues them and skips the finished ones")
+                raise UserError("stopped by a signal, and with it the runs in progress (one that is training saves "
+                                "a checkpoint first): the same command continues them and skips the finished ones")
             time.sleep(0.2)
 
 
