@@ -472,7 +472,7 @@ def report(ablation: Ablation, runs: list[Run], noise: dict, stack: dict, parall
         lines.append(f"| {r.name} | {change} | {r.val_loss:.4f} | {_num(r.delta, '+.4f')} | {mark} | "
                      f"{r.steps:,} × {r.tokens_per_step:,} | {_num(r.tokens_per_s, ',.0f')} |")
     lines += ["", "tokens/s: the median of the run's logged windows after the first (which holds start-up and "
-              "compilation); training only, evaluation and saving left out.", ""]
+              "compilation), or of the only one; training only, evaluation and saving left out.", ""]
     if stack["members"] and stack["run"]:
         lines.append(f"**Stack**: {', '.join(stack['members'])}, the interventions whose Δ is negative and stands out.")
     elif stack["members"]:
