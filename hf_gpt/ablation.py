@@ -468,7 +468,8 @@ def report(ablation: Ablation, runs: list[Run], noise: dict, stack: dict, parall
         if r.status != "finished":
             lines.append(f"| {r.name} | {change} | failed: {r.error.replace('|', '/')} | | | | |")
             continue
-        mark = {"better": "**better**", "worse": "**worse**"}.get(r.stands_out, "—" if r.kind == "baseline" else "")
+        mark = {"better": "**better**", "worse": "**worse**"}.get(
+            r.stands_out, "—" if r.kind == "baseline" else "within noise" if noise["threshold"] is not None else "")
         lines.append(f"| {r.name} | {change} | {r.val_loss:.4f} | {_num(r.delta, '+.4f')} | {mark} | "
                      f"{r.steps:,} × {r.tokens_per_step:,} | {_num(r.tokens_per_s, ',.0f')} |")
     lines += ["", "tokens/s: the median of the run's logged windows after the first (which holds start-up and "

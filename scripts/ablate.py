@@ -3,7 +3,8 @@ the stack of those that helped beyond the noise; one run per GPU at a time, all 
 and evaluation. Writes report.md (table and chart), results.json and deltas.png in --output_dir.
 
     python scripts/ablate.py --base configs/seed-3090.yaml --interventions configs/ablations/article.yaml \\
-        --max_tokens 25165824 --output_dir runs/ablate --dataset data/english --tokenizer data/gpt2-tokenizer
+        --max_tokens 25165824 --output_dir runs/ablate --dataset data/english --tokenizer data/gpt2-tokenizer \\
+        --max_grad_norm 0 --eval_batches 0
     python scripts/ablate.py --base configs/default.yaml --add 'no_warmup=--warmup_steps 0' \\
         --add 'wide=--n_embd 256' --max_tokens 400000 --output_dir runs/ablate-tiny
 
