@@ -302,6 +302,8 @@ def failure_line(log: str, returncode: int) -> str:
 def device_slots(parallel: int | None) -> list[dict]:
     """Where runs go, one run per slot at a time: one GPU each where GPUs are visible (CUDA_VISIBLE_DEVICES
     is set for the run), else shares of this process's CPU cores."""
+    if parallel is not None and parallel < 1:
+        raise UserError(f"--parallel {parallel}: runs at a time must be 1 or more (0: one per visible GPU)")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         gpus = [g.strip() for g in visible.split(",") if g.strip()]

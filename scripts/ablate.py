@@ -48,7 +48,7 @@ def main():
             raise UserError(f"--add {name}: an intervention of that name is in {args.interventions} already")
         interventions[name] = overrides
     ablation = Ablation(args.base, interventions, common, args.max_tokens, args.seeds, args.output_dir)
-    slots = device_slots(args.parallel or None)
+    slots = device_slots(None if args.parallel == 0 else args.parallel)
 
     from tqdm.auto import tqdm
 

@@ -194,7 +194,11 @@ def test_a_malformed_interventions_file_is_one_clear_error(tmp_path, text, messa
         read_interventions(path)
 
 
-def test_missing_base_and_one_seed_are_refused(base, tmp_path):
+def test_missing_base_one_seed_and_no_slot_are_refused(base, tmp_path):
+    from hf_gpt.ablation import device_slots
+
+    with pytest.raises(UserError, match="--parallel -1: runs at a time must be 1 or more"):
+        device_slots(-1)
     with pytest.raises(UserError, match="base config not found: nope.yaml"):
         Ablation("nope.yaml", {"x": "--dropout 0.0"}, [], BUDGET, 2, tmp_path)
     with pytest.raises(UserError, match="--seeds 1: the baseline needs 2 seeds or more"):
