@@ -50,6 +50,9 @@ class TrainConfig:
     learning_rate: float = 6e-4
     lr_scheduler: str = field(default="cosine", metadata={"help": "cosine | wsd | constant | linear"})
     warmup_steps: int = 0
+    warmup_ratio: float = field(default=0.0, metadata={
+        "help": "Warmup as a share of the run's steps (transformers' word), for warmup_steps 0: it follows the run's "
+                "length when the token budget or the tokens per step change."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine/wsd end at learning_rate x this."})
     decay_ratio: float = field(default=0.2, metadata={"help": "wsd: fraction of steps spent decaying."})
     weight_decay: float = 0.1
@@ -114,8 +117,8 @@ class _Parser(HfArgumentParser):
 # (0 means "off" or "derived" where it is allowed), and these are shares of something, at most 1.
 AT_LEAST_ONE = {"micro_batch_size", "log_every", "block_size", "n_layer", "n_head", "n_embd", "tokenizer_vocab_size",
                 "tokenizer_train_documents", "max_length", "generation_batch_size", "shard_tokens"}
-FRACTIONS = {"holdout_fraction", "val_fraction", "test_fraction", "min_lr_ratio", "decay_ratio", "dropout",
-             "lora_dropout", "adam_beta1", "adam_beta2"}
+FRACTIONS = {"holdout_fraction", "val_fraction", "test_fraction", "warmup_ratio", "min_lr_ratio", "decay_ratio",
+             "dropout", "lora_dropout", "adam_beta1", "adam_beta2"}
 
 
 ATTENTION = ("sdpa", "eager", "flex_attention", "varlen")
@@ -137,6 +140,8 @@ def check(cfg) -> None:
         raise UserError(f"attn_implementation must be one of {', '.join(ATTENTION)}, not {attention!r}")
     if attention in ("flex_attention", "varlen") and getattr(cfg, "dropout", 0):
         raise UserError(f"{attention} has no attention dropout: set --dropout 0 or --attn_implementation sdpa")
+    if isinstance(cfg, TrainConfig) and cfg.warmup_steps and cfg.warmup_ratio:
+        raise UserError(f"set warmup_steps ({cfg.warmup_steps}) or warmup_ratio ({cfg.warmup_ratio}), not both")
 
 
 def load_config(cls, argv: list[str] | None = None, description: str | None = None):

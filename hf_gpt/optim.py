@@ -37,13 +37,18 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
 def build_scheduler(optimizer, cfg, total_steps: int) -> LambdaLR:
     """transformers' schedule with nanoGPT's warmup, (step + 1) / (warmup + 1) of the rate: transformers'
     warmup starts at 0, which spends the first step training nothing."""
-    decay = _transformers_schedule(optimizer, cfg, total_steps).lr_lambdas[0]
-    warmup = cfg.warmup_steps
+    warmup = warmup_steps(cfg, total_steps)
+    decay = _transformers_schedule(optimizer, cfg, total_steps, warmup).lr_lambdas[0]
     return LambdaLR(optimizer, lambda step: (step + 1) / (warmup + 1) if step < warmup else decay(step))
 
 
-def _transformers_schedule(optimizer, cfg, total_steps: int):
-    warmup = cfg.warmup_steps
+def warmup_steps(cfg, total_steps: int) -> int:
+    """warmup_steps, or warmup_ratio of the run's steps: a share stays a share when a run is made longer or its
+    steps larger (an ablation's "5% warmup" beside one that changes the tokens per step)."""
+    return cfg.warmup_steps or round(cfg.warmup_ratio * total_steps)
+
+
+def _transformers_schedule(optimizer, cfg, total_steps: int, warmup: int):
     if cfg.lr_scheduler == "cosine":
         return get_scheduler("cosine_with_min_lr", optimizer, warmup, total_steps,
                              scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio})

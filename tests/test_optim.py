@@ -9,7 +9,7 @@ from hf_gpt.optim import build_optimizer, build_scheduler, decay_parameter_names
 
 def cfg(**kw):
     base = dict(learning_rate=1e-3, weight_decay=0.1, weight_decay_everywhere=False, adam_beta1=0.9,
-                adam_beta2=0.95, adam_epsilon=1e-8)
+                adam_beta2=0.95, adam_epsilon=1e-8, warmup_steps=0, warmup_ratio=0.0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -47,3 +47,22 @@ def test_warmup_starts_above_zero_and_reaches_the_full_rate(kind):
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx([0.25, 0.5, 0.75, 1.0])  # nanoGPT's (step + 1) / (warmup + 1), then the schedule
+
+
+def test_warmup_ratio_is_a_share_of_the_run():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = build_scheduler(optimizer, cfg(lr_scheduler="constant", warmup_ratio=0.3), 10)  # 3 of 10 steps
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+def test_warmup_steps_and_ratio_together_are_refused():
+    from hf_gpt.config import PretrainConfig, UserError, load_config
+
+    with pytest.raises(UserError, match="set warmup_steps .* or warmup_ratio"):
+        load_config(PretrainConfig, ["--warmup_steps", "5", "--warmup_ratio", "0.05"])
+    assert load_config(PretrainConfig, ["--warmup_steps", "0", "--warmup_ratio", "0.05"]).warmup_ratio == 0.05
