@@ -59,9 +59,10 @@ def ablate_args(base: Path, corpus, tokenizer_dir, out: Path, *extra: str) -> li
 @pytest.fixture(scope="module")
 def ablation(base, corpus, tokenizer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ablation") / "out"
-    # A third intervention that fails at run time: flex attention has no backward on a CPU.
+    # A third intervention that fails at run time: flex attention has no backward on a CPU (and no
+    # attention dropout, which the base has: refused before any run without --dropout 0).
     result = run_script(*ablate_args(base, corpus, tokenizer_dir, out,
-                                     "--add", "flex=--attn_implementation flex_attention"), check=False)
+                                     "--add", "flex=--attn_implementation flex_attention --dropout 0"), check=False)
     return {"out": out, "result": result, "report": (out / "report.md").read_text(),
             "results": json.loads((out / "results.json").read_text())}
 
@@ -123,7 +124,7 @@ def test_a_failing_run_is_reported_and_the_rest_go_on(ablation):
     flex = next(r for r in ablation["results"]["runs"] if r["name"] == "flex")
     assert flex["status"] == "failed"
     assert flex["error"] == "flex_attention trains on GPUs only (no backward on CPU); use --attn_implementation sdpa"
-    assert f"| flex | `--attn_implementation flex_attention` | failed: {flex['error']} |" in ablation["report"]
+    assert f"| flex | `--attn_implementation flex_attention --dropout 0` | failed: {flex['error']} |" in ablation["report"]
     assert "failed: flex" in ablation["result"].stdout
 
 
