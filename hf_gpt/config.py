@@ -146,7 +146,9 @@ def load_config(cls, argv: list[str] | None = None, description: str | None = No
 
 
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    from .files import atomic_write
+
+    atomic_write(Path(path), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def run_cli(main) -> None:

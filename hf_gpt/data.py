@@ -27,6 +27,7 @@ from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patte
 from datasets.distributed import split_dataset_by_node
 
 from .config import UserError, first_line
+from .files import atomic_folder
 
 STDLIB = "stdlib"
 LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -485,41 +486,39 @@ def write_token_shards(source: DocumentSource, tokenizer, out: Path, *, holdout:
                        max_documents: int = 0, progress=None) -> dict:
     """Tokenize a document source once into TokenShards (train and validation by the same hash split).
 
-    Written to `<out>.tmp` and renamed at the end, so an interrupted run never leaves a half folder.
+    Written aside and swapped in (hf_gpt.files.atomic_folder): an interrupted run never leaves a half folder.
     """
     if out.exists():  # before the pass, which can take hours
         raise UserError(f"{out} already exists; remove it or choose another --out")
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for split, validation in (("train", False), ("validation", True)):
-        documents = tokenized_documents(source, tokenizer, holdout=holdout, validation=validation)
-        pending, count, docs = [], 0, 0
+    with atomic_folder(out) as tmp:
+        shards = []
+        for split, validation in (("train", False), ("validation", True)):
+            documents = tokenized_documents(source, tokenizer, holdout=holdout, validation=validation)
+            pending, count, docs = [], 0, 0
 
-        def flush():
-            nonlocal pending, count
-            if count:
-                name = f"{split}_{len([s for s in shards if s['split'] == split]):04d}.bin"
-                np.concatenate(pending).astype(dtype).tofile(tmp / name)
-                shards.append({"file": name, "split": split, "tokens": count})
-                pending, count = [], 0
+            def flush():
+                nonlocal pending, count
+                if count:
+                    name = f"{split}_{len([s for s in shards if s['split'] == split]):04d}.bin"
+                    np.concatenate(pending).astype(dtype).tofile(tmp / name)
+                    shards.append({"file": name, "split": split, "tokens": count})
+                    pending, count = [], 0
 
-        for row in documents:
-            ids = np.asarray(row["input_ids"], dtype=np.int64)
-            pending.append(ids)
-            count += len(ids)
-            docs += 1
-            if progress:
-                progress(split, len(ids))
-            if count >= shard_tokens:
-                flush()
-            if max_documents and docs >= max_documents:
-                break
-        flush()
-    meta = {"dtype": np.dtype(dtype).name, "eos_token_id": tokenizer.eos_token_id, "dataset": source.name,
-            "holdout_fraction": holdout, "shards": shards}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    tmp.rename(out)
+            for row in documents:
+                ids = np.asarray(row["input_ids"], dtype=np.int64)
+                pending.append(ids)
+                count += len(ids)
+                docs += 1
+                if progress:
+                    progress(split, len(ids))
+                if count >= shard_tokens:
+                    flush()
+                if max_documents and docs >= max_documents:
+                    break
+            flush()
+        meta = {"dtype": np.dtype(dtype).name, "eos_token_id": tokenizer.eos_token_id, "dataset": source.name,
+                "holdout_fraction": holdout, "shards": shards}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        tokenizer.save_pretrained(tmp / "tokenizer")
     return meta

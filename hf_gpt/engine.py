@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .config import UserError, first_line, save_config
 from .evaluation import token_byte_lengths
+from .files import atomic_folder, atomic_write, recover_folders, replace_folder
 from .metrics_log import MetricsLog
 from .model import causal_lm_loss, document_mask_inputs
 from .optim import build_optimizer, build_scheduler
@@ -239,33 +240,6 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
 
 
-def replace_folder(tmp: Path, dest: Path) -> None:
-    """Swap the complete folder `tmp` in as `dest`. No rename replaces a folder that holds files, so the
-    old one is renamed aside and deleted only once the new one is in place: a crash at any moment
-    leaves `dest` or `dest.old` complete, and recover_folders() puts the latter back."""
-    old = dest.with_name(dest.name + ".old")
-    recover_folder(dest)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_folder(dest: Path) -> None:
-    """Finish a swap that a crash cut short: `dest.old` comes back when `dest` is missing, else it goes."""
-    old = dest.with_name(dest.name + ".old")
-    if old.is_dir():
-        if dest.exists():
-            shutil.rmtree(old)
-        else:
-            os.replace(old, dest)
-
-
-def recover_folders(output_dir: Path) -> None:
-    for old in [*output_dir.glob("*.old"), *(output_dir / CHECKPOINTS).glob("*.old")]:
-        recover_folder(old.with_name(old.name[:-len(".old")]))
-
-
 def save_checkpoint(accelerator, output_dir: Path, progress: dict, batches, keep: int) -> Path:
     """Accelerate's state, and `progress` (step, tokens, ...) with the data stream's position.
     Written to step_N.tmp, then swapped in: a crash mid-save leaves the previous checkpoint intact."""
@@ -359,13 +333,10 @@ def run_summary(cfg, accelerator, result: dict, info: dict) -> dict:
 def save_final(accelerator, model, tokenizer, final_dir: Path) -> None:
     """Hub-format folder, written next to the old one and swapped in, so a failed save loses nothing."""
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
-        tokenizer.save_pretrained(tmp)
-        replace_folder(tmp, final_dir)
+        with atomic_folder(final_dir) as tmp:
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
+            tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
 
 
@@ -673,7 +644,7 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
         summary = run_summary(cfg, accelerator, {"steps": step, "tokens": tokens, "wall_time_s": wall,
                                                  "eval_time_s": eval_seconds, "tokens_per_step": tokens_per_step,
                                                  "eval": last_eval}, info or {})
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
         metrics.plot(out / "loss.png")
     if not stopped:
         # Last, so that a checkpoint at the last step means final/ and summary.json are complete.

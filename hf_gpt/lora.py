@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,8 @@ from datasets.distributed import split_dataset_by_node
 
 from .config import TrainConfig, UserError, first_line
 from .data import PackedBatches, positions_from_eos, process_share
-from .engine import accumulation_steps, evaluate, replace_folder, sample, start_run, train
+from .engine import accumulation_steps, evaluate, sample, start_run, train
+from .files import atomic_folder
 from .evaluation import token_byte_lengths
 from .hub import mark_personal
 from .model import attention_name
@@ -342,12 +342,10 @@ def wrap_model(cfg: LoraRunConfig, model, trigger_id: int | None):
 def save_merged(peft_model, tokenizer, folder: Path) -> None:
     """The adapter folded into the weights: a plain model, written aside and swapped in like final/."""
     merged = peft_model.merge_and_unload()
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    mark_personal(tmp)  # a plain model does not say it learnt someone's writing: the folder must
-    replace_folder(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        mark_personal(tmp)  # a plain model does not say it learnt someone's writing: the folder must
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .config import UserError
+from .files import atomic_write
 
 
 class MetricsLog:
@@ -35,7 +36,7 @@ class MetricsLog:
         """Drop rows past `step`: a resumed run writes them again, so the log matches an uninterrupted run."""
         if self.enabled and self.path.exists():
             kept = [r for r in self.rows() if r.get("step", 0) <= step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def plot(self, png: Path) -> None:
         import matplotlib

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from .config import TrainConfig, UserError, first_line
 from .data import process_share
 from .evaluation import MODEL_FILES
+from .files import atomic_write
 from .generation import chat_prompt_ids, generate
 from .tokenizer import check_source
 
@@ -535,9 +536,7 @@ def score_rows(rows: list[dict], judge_url: str = "", judge_model: str = "") -> 
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # replaced whole: an interrupted write loses nothing
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def answer_test_split(model, tokenizer, chats: list[list[dict]], cfg: SFTConfig, path: Path) -> dict:
@@ -574,4 +573,4 @@ def add_to_summary(output_dir: Path, key: str, values: dict) -> None:
     path = Path(output_dir) / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     summary[key] = values
-    path.write_text(json.dumps(summary, indent=2))
+    atomic_write(path, json.dumps(summary, indent=2))
