@@ -7,6 +7,7 @@ so `--help` lists every field with its help text.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import sys
@@ -25,6 +26,18 @@ class UserError(Exception):
 def first_line(e: Exception) -> str:
     """An exception as `Type: the first line of its message`, for a one-line error."""
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+@contextlib.contextmanager
+def could_not_load(what: str, name: str, where: str = ""):
+    """Any failure inside as one line, "<what> '<name>' could not be loaded<where>: Type: first line": loaders
+    raise many kinds (offline, 404, gated, no such split, broken weights), and each is news of one line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{what} '{name}' could not be loaded{where}: {first_line(e)}") from None
 
 
 @dataclass

@@ -26,7 +26,7 @@ from datasets import IterableDataset, load_dataset
 from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 from datasets.distributed import split_dataset_by_node
 
-from .config import UserError, first_line
+from .config import UserError, could_not_load
 from .files import atomic_folder
 
 STDLIB = "stdlib"
@@ -127,11 +127,9 @@ class DocumentSource:
             if split not in self.splits:
                 raise UserError(f"dataset {self.name} has no '{split}' split (it has: {', '.join(self.splits)})")
             kwargs = {**kwargs, "data_files": {split: self.splits[split]}}
-        try:
+        where = f" from the Hub (split {split})" if not self.files else " from local files"
+        with could_not_load("dataset", self.name, where):
             return load_dataset(*self.args, split=split, streaming=True, **kwargs)
-        except Exception as e:  # the Hub raises many kinds (offline, 404, gated, no split): one line each
-            where = f"from the Hub (split {split})" if not self.files else "from local files"
-            raise UserError(f"dataset '{self.name}' could not be loaded {where}: {first_line(e)}") from None
 
     def describe_error(self, error: Exception) -> UserError:
         if isinstance(error, UnicodeDecodeError):

@@ -37,11 +37,12 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .config import UserError, first_line, save_config
-from .evaluation import token_byte_lengths
 from .files import atomic_folder, atomic_write, recover_folders, replace_folder
+from .generation import SAMPLED, generate
 from .metrics_log import MetricsLog
 from .model import causal_lm_loss, document_mask_inputs
 from .optim import build_optimizer, build_scheduler
+from .tokenizer import token_byte_lengths
 
 CHECKPOINTS = "checkpoints"
 
@@ -193,26 +194,6 @@ def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, accelerator
     loss = nll / count
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
             "val_bpb": nll / math.log(2) / nbytes if nbytes else float("nan")}
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0) -> list[str]:
-    """Sampled continuations (temperature 0.8, top-k 40: greedy decoding of a small model loops on one
-    line). A fixed seed makes them comparable between evaluations, and the forked RNG leaves the
-    training stream exactly where it was, so resumed runs stay identical."""
-    was_training = model.training
-    model.eval()
-    outputs = []
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=40,
-                                 pad_token_id=tokenizer.eos_token_id)
-            outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    model.train(was_training)
-    return outputs
 
 
 class StopSignal:
@@ -553,8 +534,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                              cfg.attn_implementation)
         row = {"step": step, "tokens": tokens_now(), **last_eval}
         if cfg.sample_prompts and main:
-            row["samples"] = sample(accelerator.unwrap_model(model), tokenizer, cfg.sample_prompts, cfg.sample_tokens,
-                                    cfg.seed)
+            row["samples"] = generate(accelerator.unwrap_model(model), tokenizer, cfg.sample_prompts,
+                                      max_new_tokens=cfg.sample_tokens, seed=cfg.seed, **SAMPLED)
         metrics.write(row)
         accelerator.log(last_eval, step=step)
         if main and last_eval:

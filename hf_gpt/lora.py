@@ -25,14 +25,14 @@ from accelerate import PartialState
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
 
-from .config import TrainConfig, UserError, first_line
+from .config import TrainConfig, UserError
 from .data import PackedBatches, positions_from_eos, process_share
-from .engine import accumulation_steps, evaluate, sample, start_run, train
+from .engine import accumulation_steps, evaluate, start_run, train
 from .files import atomic_folder
-from .evaluation import token_byte_lengths
+from .generation import SAMPLED, generate, generate_ids
 from .hub import mark_personal
-from .model import attention_name
-from .tokenizer import load_tokenizer
+from .loading import context_length, load_model, load_tokenizer
+from .tokenizer import token_byte_lengths
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown")
 GPT2_CONV1D = ["c_attn", "c_proj", "c_fc"]
@@ -291,21 +291,6 @@ def base_model_name(model: str) -> str:
     return str(path.resolve()) if path.exists() else model
 
 
-def load_base_model(cfg: LoraRunConfig, name: str):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        # fp32 weights as in pretraining (mixed precision is Accelerate's autocast), so the merge is exact.
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
-                                                     attn_implementation=attention_name(cfg.attn_implementation))
-    except Exception as e:  # missing folder, offline Hub, bad weights: one line each
-        raise UserError(f"model '{cfg.model}' could not be loaded: {first_line(e)}") from None
-    context = getattr(model.config, "n_positions", None)
-    if context and cfg.block_size > context:
-        raise UserError(f"block_size {cfg.block_size} is longer than the model's context ({context})")
-    return model
-
-
 def add_trigger_token(tokenizer, model, token: str) -> int:
     from transformers import AddedToken
 
@@ -383,22 +368,19 @@ class Meter:
                               eos=self.tokenizer.eos_token_id)
 
     def samples(self, model, prefix: str = "") -> list[str]:
-        return sample(model, self.tokenizer, [prefix + p for p in self.cfg.report_prompts], self.cfg.sample_tokens)
+        return generate(model.to(self.accelerator.device), self.tokenizer, [prefix + p for p in self.cfg.report_prompts],
+                        max_new_tokens=self.cfg.sample_tokens, seed=self.cfg.seed, **SAMPLED)
 
-    @torch.no_grad()
     def base_written_text(self, model) -> list[list[int]]:
         """GENERAL_BLOCKS texts the base model writes from an empty context (sampled from its full
         distribution): behaviour without the trigger, by definition. On them log(adapted / base
-        perplexity) estimates KL(base || adapted) per token."""
-        device, eos = self.accelerator.device, self.tokenizer.eos_token_id
-        model.to(device).eval()
-        start = torch.full((GENERAL_BLOCKS, 1), eos, device=device)
-        # A side stream: the training that follows draws the same numbers as without this.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.cfg.seed)
-            out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0, top_p=1.0,
-                                 max_new_tokens=self.cfg.block_size - 1, pad_token_id=eos)
-        rows = [row[:row.index(eos)] if eos in row else row for row in out[:, 1:].tolist()]
+        perplexity) estimates KL(base || adapted) per token. The seeded side stream leaves the training that
+        follows drawing the same numbers as without this."""
+        eos = self.tokenizer.eos_token_id
+        rows = generate_ids(model.to(self.accelerator.device), self.tokenizer, [[eos]] * GENERAL_BLOCKS,
+                            max_new_tokens=self.cfg.block_size - 1, batch_size=GENERAL_BLOCKS, seed=self.cfg.seed,
+                            do_sample=True, top_k=0, top_p=1.0)
+        rows = [row[:-1] if row and row[-1] == eos else row for row in rows]
         return as_documents([row for row in rows if row], eos)
 
     def general_documents(self, model) -> tuple[list[list[int]], str]:
@@ -478,7 +460,9 @@ def run_lora(cfg: LoraRunConfig) -> dict | None:
     accelerator = start_run(cfg)
     main = accelerator.is_main_process
     base = base_model_name(cfg.model)
-    model = load_base_model(cfg, base)
+    model, _ = load_model(base, attn_implementation=cfg.attn_implementation)  # the tokenizer is loaded already
+    if cfg.block_size > context_length(model):
+        raise UserError(f"block_size {cfg.block_size} is longer than the model's context ({context_length(model)})")
 
     meter = Meter(cfg, accelerator, tokenizer, model.config.vocab_size)
     before = {}

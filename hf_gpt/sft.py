@@ -34,12 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, UserError, first_line
+from .config import TrainConfig, UserError, could_not_load
 from .data import process_share
-from .evaluation import MODEL_FILES
 from .files import atomic_write
 from .generation import chat_prompt_ids, generate
-from .tokenizer import check_source
+from .loading import MODEL_FILES, check_source
 
 # The Alpaca format of "Build a Large Language Model (From Scratch)", ch. 7, which the article used.
 # A system message replaces the opening sentence; a user message's optional "input" is the task's context.
@@ -124,26 +123,6 @@ def check_config(cfg: SFTConfig) -> None:
         raise UserError("set epochs (or max_steps) to a positive number")
 
 
-def load_base_model(cfg: SFTConfig, tokenizer):
-    """The model to tune, in float32 (mixed precision keeps float32 master weights; from_pretrained would
-    otherwise load a bf16 checkpoint as bf16) with cfg.dropout, and with generation settings that final/
-    carries, so that `pipeline("text-generation")` writes a whole reply and pads without a warning."""
-    from transformers import AutoModelForCausalLM
-
-    from .model import attention_name
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
-                                                     attn_implementation=attention_name(cfg.attn_implementation),
-                                                     resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                                                     attn_pdrop=cfg.dropout)
-    except Exception as e:  # missing folder, offline Hub: one line
-        raise UserError(f"model '{cfg.model}' could not be loaded: {first_line(e)}") from None
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.max_new_tokens = cfg.max_new_tokens
-    return model
-
-
 # ---------------------------------------------------------------------------------------------- records
 
 def read_records(name: str, config: str = "", split: str = "train") -> list[tuple[str, object]]:
@@ -161,10 +140,8 @@ def read_records(name: str, config: str = "", split: str = "train") -> list[tupl
         raise UserError(f"data path not found: {name}")
     from datasets import load_dataset
 
-    try:
+    with could_not_load("dataset", name, f" (split {split})"):
         rows = load_dataset(name, config or None, split=split)
-    except Exception as e:  # offline, 404, no such split: one line each
-        raise UserError(f"dataset '{name}' could not be loaded (split {split}): {first_line(e)}") from None
     return [(f"{name} ({split}): record {i + 1}", row) for i, row in enumerate(rows)]
 
 

@@ -63,7 +63,7 @@ def data_source(cfg):
     if cfg.benchmark == "train" and cfg.data == "random":
         return None
     from hf_gpt.data import PretrainData
-    from hf_gpt.tokenizer import load_tokenizer
+    from hf_gpt.loading import load_tokenizer
 
     return PretrainData(cfg, load_tokenizer(cfg.tokenizer))
 

@@ -35,8 +35,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, no install needed
 import torch  # noqa: E402
 
 from hf_gpt.benchmarks import hellaswag_item, lambada_pair, wikitext_detokenize  # noqa: E402
-from hf_gpt.evaluation import load_model, loglikelihood, rolling_loglikelihood  # noqa: E402
-from hf_gpt.tokenizer import load_tokenizer, train_bpe  # noqa: E402
+from hf_gpt.evaluation import loglikelihood, rolling_loglikelihood  # noqa: E402
+from hf_gpt.loading import load_model, load_tokenizer  # noqa: E402
+from hf_gpt.tokenizer import train_bpe  # noqa: E402
 
 # lm-eval's figure for each of ours: (lm-eval task, lm-eval metric key).
 FIGURES = {

@@ -15,10 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
+import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from hf_gpt.config import UserError, run_cli  # noqa: E402
-from hf_gpt.generation import chat_prompt_ids, context_length, generate, load_for_generation  # noqa: E402
+from hf_gpt.generation import chat_prompt_ids, generate  # noqa: E402
+from hf_gpt.loading import context_length, load_model  # noqa: E402
 
 
 def parse_args():
@@ -41,7 +43,7 @@ def parse_args():
 def main():
     args = parse_args()
     set_seed(args.seed)
-    model, tokenizer = load_for_generation(args.model)
+    model, tokenizer = load_model(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                    top_k=args.top_k)
     chat = args.chat and tokenizer.chat_template is not None
@@ -52,7 +54,7 @@ def main():
         if not chat:
             return generate(model, tokenizer, [tokenizer(messages[-1]["content"])["input_ids"]], **options)[0]
         # Drop the oldest exchanges until the prompt leaves room for a reply (half the context at least).
-        context = context_length(model.config)
+        context = context_length(model, tokenizer)
         room = context - min(args.max_new_tokens, context // 2)
         while len(messages) > 1 and len(chat_prompt_ids(tokenizer, messages)) > room:
             del messages[:2]

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from hf_gpt.config import load_config, run_cli  # noqa: E402
 from hf_gpt.data import DocumentSource, write_token_shards  # noqa: E402
-from hf_gpt.tokenizer import load_tokenizer  # noqa: E402
+from hf_gpt.loading import load_tokenizer  # noqa: E402
 
 
 @dataclass

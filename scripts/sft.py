@@ -16,19 +16,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from hf_gpt.config import load_config, run_cli  # noqa: E402
 from hf_gpt.engine import start_run, train  # noqa: E402
-from hf_gpt.generation import context_length, load_for_generation  # noqa: E402
+from hf_gpt.loading import context_length, load_model  # noqa: E402
 from hf_gpt.sft import (SFTConfig, SFTData, add_base_replies, add_to_summary, answer_test_split,  # noqa: E402
-                        check_config, load_base_model, prepare_tokenizer, resolve_chat_template)
-from hf_gpt.tokenizer import load_tokenizer  # noqa: E402
+                        check_config, prepare_tokenizer, resolve_chat_template)
 
 
 def main():
     cfg = load_config(SFTConfig, description=__doc__)
     check_config(cfg)
+    template = resolve_chat_template(cfg.chat_template)
     accelerator = start_run(cfg)
-    tokenizer = prepare_tokenizer(load_tokenizer(cfg.model), resolve_chat_template(cfg.chat_template))
-    model = load_base_model(cfg, tokenizer)
-    data = SFTData(cfg, tokenizer, context_length(model.config))
+    model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation, resid_pdrop=cfg.dropout,
+                                  embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
+    tokenizer = prepare_tokenizer(tokenizer, template)
+    # final/ carries these, so that `pipeline("text-generation")` writes a whole reply and pads without a warning.
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.max_new_tokens = cfg.max_new_tokens
+    data = SFTData(cfg, tokenizer, context_length(model))
     accelerator.print(data.summary())
     # An epoch is a number of optimizer steps only once the data is known: set both here.
     steps_per_epoch = data.steps_per_epoch(accelerator.num_processes, cfg.gradient_accumulation_steps or 1)
@@ -40,11 +44,11 @@ def main():
         return
     wrote = "final/ (Hub format, with the chat template), metrics.jsonl, loss.png, summary.json, config.yaml"
     if data.test:
-        model, tokenizer = load_for_generation(str(result.final_dir), accelerator.device)
+        model, tokenizer = load_model(str(result.final_dir), device=accelerator.device)
         replies = result.output_dir / "test_responses.jsonl"
         scores = answer_test_split(model, tokenizer, data.test, cfg, replies)
         if cfg.base_replies:
-            base, _ = load_for_generation(cfg.model, accelerator.device)
+            base, _ = load_model(cfg.model, device=accelerator.device)
             add_base_replies(base, tokenizer, data.test[:cfg.base_replies], cfg, replies)
         add_to_summary(result.output_dir, "test", scores)
         line = f"test: {scores['test_records']} replies, ROUGE-L {scores['rougeL']:.4f}"

@@ -21,10 +21,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from conftest import run_script
 from hf_gpt.benchmarks import (hellaswag_item, load_benchmark, run_hellaswag, run_lambada, run_wikitext,
                                wikitext_detokenize)
-from hf_gpt.compare import resolve_tasks
+from hf_gpt.compare import resolve_tasks, samples_and_speed
 from hf_gpt.config import UserError
-from hf_gpt.evaluation import (encode_pair, generate, heldout_loss, load_model, loglikelihood, rolling_windows)
-from hf_gpt.tokenizer import load_tokenizer, train_bpe
+from hf_gpt.evaluation import encode_pair, heldout_loss, loglikelihood, rolling_windows
+from hf_gpt.loading import load_model, load_tokenizer
+from hf_gpt.tokenizer import train_bpe
 
 ANIMALS = {" cat": 2.0, " elephant": 1.0, " dog": 0.0, " mouse": 0.0}
 SENTENCES = ["the zoo has a cat", "the zoo has an elephant", "the zoo has a dog", "the zoo has a mouse",
@@ -208,7 +209,7 @@ def test_wikitext_word_perplexity_by_hand(uniform_dir, tokenizer):
 
 def test_greedy_samples(unigram_dir):
     model, tok = load_model(str(unigram_dir))
-    texts, speed = generate(model, tok, ["the zoo has", "a"], max_new_tokens=3)
+    texts, speed = samples_and_speed(model, tok, ["the zoo has", "a"], max_new_tokens=3)
     assert texts == [" cat cat cat"] * 2 and speed > 0
 
 

@@ -5,7 +5,7 @@ import torch
 
 from hf_gpt.config import PretrainConfig, UserError
 from hf_gpt.data import PretrainData, in_holdout
-from hf_gpt.tokenizer import load_tokenizer
+from hf_gpt.loading import load_tokenizer
 
 
 def make_data(corpus, tokenizer_dir, **overrides) -> PretrainData:

@@ -18,9 +18,9 @@ from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
 from hf_gpt.engine import RunResult, checkpoint_dirs, save_checkpoint, save_final, start_run, train
 from hf_gpt.files import recover_folders
+from hf_gpt.loading import load_tokenizer
 from hf_gpt.metrics_log import MetricsLog
 from hf_gpt.model import build_model
-from hf_gpt.tokenizer import load_tokenizer
 
 STEPS = 40
 

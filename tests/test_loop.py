@@ -17,9 +17,9 @@ from conftest import run_script
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
 from hf_gpt.engine import checkpoint_dirs, evaluate, start_run, train
+from hf_gpt.loading import load_tokenizer
 from hf_gpt.model import build_model
 from hf_gpt.optim import build_scheduler
-from hf_gpt.tokenizer import load_tokenizer
 from test_engine import in_process_run, launch_two, losses
 
 

@@ -17,10 +17,10 @@ from conftest import ROOT, run_script
 from hf_gpt import lora
 from hf_gpt.config import UserError, load_config, run_cli
 from hf_gpt.engine import evaluate
-from hf_gpt.evaluation import token_byte_lengths
 from hf_gpt.lora import (LoraRunConfig, WritingData, pack_documents, read_writing, run_lora, split_documents,
                          _ThisProcess, as_documents)
-from hf_gpt.tokenizer import load_tokenizer
+from hf_gpt.loading import load_tokenizer
+from hf_gpt.tokenizer import token_byte_lengths
 
 WRITING = ROOT / "tests" / "data" / "writing"
 NOTES = sorted(p for p in WRITING.rglob("*") if p.suffix in (".txt", ".md") and p.name not in (

@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from conftest import ROOT, run_script
 from hf_gpt.config import UserError
 from hf_gpt.engine import model_inputs, target_count
-from hf_gpt.generation import chat_prompt_ids, generate, load_for_generation
+from hf_gpt.generation import chat_prompt_ids, generate
+from hf_gpt.loading import load_model, load_tokenizer
 from hf_gpt.model import causal_lm_loss
 from hf_gpt.sft import (ALPACA_TEMPLATE, JUDGE_PROMPT, SFTConfig, SFTData, check_config, collate, encode_chat,
                         judge_score, pack, prepare_tokenizer, read_records, resolve_chat_template, rouge_l,
                         split_records, to_messages)
-from hf_gpt.tokenizer import load_tokenizer
 
 RECORDS = ROOT / "tests" / "data" / "instructions.json"
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -100,16 +100,16 @@ def test_generation_loads_a_peft_adapter_with_its_base_models_tokenizer(chat_mod
     adapter = tmp_path / "adapter"
     base = AutoModelForCausalLM.from_pretrained(chat_model)
     get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(adapter)
-    model, tokenizer = load_for_generation(str(adapter), "cpu")
+    model, tokenizer = load_model(str(adapter))
     assert type(model).__name__ == "PeftModelForCausalLM" and tokenizer.chat_template == ALPACA_TEMPLATE
-    plain, _ = load_for_generation(str(chat_model), "cpu")
+    plain, _ = load_model(str(chat_model))
     prompt = [chat_prompt_ids(tokenizer, CHATS[1][:1])]
     # A fresh LoRA adapter adds zero (its B matrix starts at 0): the replies are the base model's.
     assert generate(model, tokenizer, prompt, max_new_tokens=6) == generate(plain, tokenizer, prompt, max_new_tokens=6)
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(chat_model):
-    model, tokenizer = load_for_generation(str(chat_model), "cpu")
+    model, tokenizer = load_model(str(chat_model))
     prompts = [chat_prompt_ids(tokenizer, chat[:-1]) for chat in CHATS]  # three lengths: left padding differs
     alone = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=1)
     assert generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3) == alone

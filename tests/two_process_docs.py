@@ -11,7 +11,7 @@ from accelerate import Accelerator  # noqa: E402
 
 from hf_gpt.config import PretrainConfig  # noqa: E402
 from hf_gpt.data import PretrainData  # noqa: E402
-from hf_gpt.tokenizer import load_tokenizer  # noqa: E402
+from hf_gpt.loading import load_tokenizer  # noqa: E402
 
 corpus, tokenizer_dir, out = sys.argv[1:]
 state = Accelerator()  # as in the engine: process index and count from the launcher
