@@ -72,23 +72,23 @@ def resolve_tasks(tasks: str, files: dict[str, str | None]) -> list[str]:
     return [t for t in TASKS if t in chosen]
 
 
-def prepare_data(tasks: list[str], *, files: dict[str, str | None], limit: int | None, text_config: str = "",
-                 text_split: str = "train", text_column: str = "text", text_holdout: float | None = None,
-                 text_docs: int = 100, prompts: list[str] | None = None, max_new_tokens: int = 40) -> CompareData:
+def prepare_data(tasks: list[str], *, files: dict[str, str | None], limit: int | None, dataset_config: str = "",
+                 dataset_split: str = "train", text_column: str = "text", val_fraction: float | None = None,
+                 max_documents: int = 100, prompts: list[str] | None = None, max_new_tokens: int = 40) -> CompareData:
     """Load every task's data before the first model, so a missing dataset fails in seconds, not after an hour.
 
     Held-out text: `files["text"]` (a file, folder or Hub id), or FineWeb-Edu's documents held out by
-    configs/gpt2-small.yaml; `text_holdout` None means 0 for the former and that recipe's fraction for the latter.
+    configs/gpt2-small.yaml; `val_fraction` None means 0 for the former and that recipe's for the latter.
     """
     data = CompareData(max_new_tokens=max_new_tokens)
     described: dict[str, dict] = {}
     if "text" in tasks:
         if files.get("text"):
-            source = {"name": files["text"], "config": text_config, "split": text_split,
-                      "holdout": text_holdout or 0.0}
+            source = {"name": files["text"], "config": dataset_config, "split": dataset_split,
+                      "holdout": val_fraction or 0.0}
         else:
-            source = {**DEFAULT_TEXT, **({"holdout": text_holdout} if text_holdout is not None else {})}
-        count = min(text_docs, limit) if limit else text_docs
+            source = {**DEFAULT_TEXT, **({"holdout": val_fraction} if val_fraction is not None else {})}
+        count = min(max_documents, limit) if limit else max_documents
         data.texts = text_documents(source["name"], config=source["config"], split=source["split"],
                                     column=text_column, holdout=source["holdout"], limit=count)
         where = ({"file": source["name"]} if Path(source["name"]).exists() else

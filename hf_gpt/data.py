@@ -19,6 +19,7 @@ import json
 import random
 import sysconfig
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -271,10 +272,11 @@ class PackedBatches:
         self.rng.bit_generator.state = state["rng"]
 
 
-def process_share(batches: list[dict], process_index: int, num_processes: int) -> list[dict]:
-    """This process's share of a fixed list of batches (validation). Every process gets as many, the list
-    topped up with copies that carry no targets: sharded models (FSDP) run each forward on all processes."""
-    batches = list(batches)
+def process_share(batches: Iterable[dict], process_index: int, num_processes: int, eval_batches: int = 0) -> list[dict]:
+    """This process's share of a fixed set of batches (validation): eval_batches of them per process, of
+    the first eval_batches x num_processes (all when 0). Every process gets as many, the set topped up with
+    copies that carry no targets: sharded models (FSDP) run each forward on all processes."""
+    batches = list(itertools.islice(batches, eval_batches * num_processes or None))
     while batches and len(batches) % num_processes:
         batches.append({**batches[-1], "labels": torch.full_like(batches[-1]["labels"], -100)})
     return batches[process_index::num_processes]
@@ -317,7 +319,7 @@ class PretrainData:
             encoding_errors=cfg.data_encoding_errors, seed=cfg.seed)
         # Validation: the named split; else a local folder's own validation files; else documents held out by hash.
         self.eval_split = cfg.eval_split or ("validation" if self.source and self.source.has_split("validation") else "")
-        self.holdout = 0.0 if self.eval_split else cfg.holdout_fraction
+        self.holdout = 0.0 if self.eval_split else cfg.val_fraction
 
     def _documents(self, validation: bool, process_index: int = 0, num_processes: int = 1):
         split = self.eval_split if validation and self.eval_split else None
@@ -339,7 +341,7 @@ class PretrainData:
 
     def eval_batches(self, process_index: int, num_processes: int) -> list[dict]:
         """This process's share of the validation set: one pass over the validation split (or its first
-        eval_batches micro-batches), the same in every run.
+        eval_batches micro-batches per process), the same in every run.
 
         Whatever the training's crop and masking, validation reads whole documents that each attend only
         to themselves, so runs of different recipes (the seed article's, an ablation) are measured alike.
@@ -351,25 +353,24 @@ class PretrainData:
         else:
             batches = PackedBatches(self._documents(True), block_size=cfg.block_size,
                                     micro_batch_size=cfg.micro_batch_size, error_context=self.source, one_pass=True)
-        wanted = cfg.eval_batches * num_processes if cfg.eval_batches > 0 else None
         try:
-            taken = list(itertools.islice(batches, wanted))
+            share = process_share(batches, process_index, num_processes, cfg.eval_batches)
         except UserError:
             raise
         except Exception as e:
             raise self.source.describe_error(e) if self.source else e from None
-        if not taken:
+        if not share:
             raise UserError(self._empty_validation())
-        return process_share(taken, process_index, num_processes)
+        return share
 
     def _empty_validation(self) -> str:
         if self.shards:
-            return f"token shards {self.cfg.dataset}: the validation shards hold no tokens; remake them with a larger --holdout_fraction"
+            return f"token shards {self.cfg.dataset}: the validation shards hold no tokens; remake them with a larger --val_fraction"
         if self.eval_split:
             return (f"dataset {self.cfg.dataset}: its '{self.eval_split}' split has no documents; "
                     "set --eval_split to a split with documents, or --eval_split '' to hold documents out by hash")
-        return (f"dataset {self.cfg.dataset}: no document is held out for validation at holdout_fraction "
-                f"{self.holdout:g}; raise --holdout_fraction (a small corpus needs ~0.01 or more) or name a "
+        return (f"dataset {self.cfg.dataset}: no document is held out for validation at val_fraction "
+                f"{self.holdout:g}; raise --val_fraction (a small corpus needs ~0.01 or more) or name a "
                 "validation split with --eval_split")
 
     def texts(self):
@@ -487,7 +488,7 @@ def write_token_shards(source: DocumentSource, tokenizer, out: Path, *, holdout:
     Written aside and swapped in (hf_gpt.files.atomic_folder): an interrupted run never leaves a half folder.
     """
     if out.exists():  # before the pass, which can take hours
-        raise UserError(f"{out} already exists; remove it or choose another --out")
+        raise UserError(f"{out} already exists; remove it or choose another --output_dir")
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     with atomic_folder(out) as tmp:
         shards = []
@@ -516,7 +517,7 @@ def write_token_shards(source: DocumentSource, tokenizer, out: Path, *, holdout:
                     break
             flush()
         meta = {"dtype": np.dtype(dtype).name, "eos_token_id": tokenizer.eos_token_id, "dataset": source.name,
-                "holdout_fraction": holdout, "shards": shards}
+                "val_fraction": holdout, "shards": shards}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         tokenizer.save_pretrained(tmp / "tokenizer")
     return meta

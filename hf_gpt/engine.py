@@ -271,7 +271,7 @@ def load_checkpoint(accelerator, checkpoint: Path, batches) -> dict:
 # follows the new length from the step resumed at) and what it logs, evaluates, saves and publishes.
 # Anything else (data, model, optimizer, precision, seed) would load the checkpoint into another run.
 RESUMABLE = ("max_steps", "max_tokens", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
-             "report_to", "sample_prompts", "sample_tokens", "push_to_hub")
+             "report_to", "sample_prompts", "max_new_tokens", "push_to_hub")
 
 
 def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int) -> list[str]:
@@ -283,6 +283,7 @@ def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int)
                         f"resume with {saved_by} (each process saved its place in its own share of the data)")
     saved = output_dir / "config.yaml"
     old = yaml.safe_load(saved.read_text()) if saved.exists() else {}
+    old = {type(cfg).renamed.get(k, k): v for k, v in old.items()}  # a run started before the names changed
     # Fields the file lacks were added to the code after the run started: there is nothing to compare.
     changes = {k: f"{k} {old[k]!r} -> {v!r}" for k, v in asdict(cfg).items()
                if k not in ("output_dir", "resume") and k in old and old[k] != v}
@@ -535,7 +536,7 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
         row = {"step": step, "tokens": tokens_now(), **last_eval}
         if cfg.sample_prompts and main:
             row["samples"] = generate(accelerator.unwrap_model(model), tokenizer, cfg.sample_prompts,
-                                      max_new_tokens=cfg.sample_tokens, seed=cfg.seed, **SAMPLED)
+                                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, **SAMPLED)
         metrics.write(row)
         accelerator.log(last_eval, step=step)
         if main and last_eval:

@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -55,15 +56,15 @@ class LoraRunConfig(TrainConfig):
 
     output_dir: str = "runs/lora"
     model: str = field(default="", metadata={"help": "Base model: a folder such as runs/sft/final, or a Hub id."})
-    writing: str = field(default="", metadata={"help": "Your writing: a folder (read recursively: .txt, .md) or one file."})
+    dataset: str = field(default="", metadata={"help": "Your writing: a folder (read recursively: .txt, .md) or one file."})
     split_paragraphs: bool = field(
         default=False, metadata={"help": "Every paragraph (blank-line separated) is a document: for one long text."})
-    holdout_fraction: float = field(
-        default=0.2, metadata={"help": "Share of whole documents held out to measure the adaptation on."})
+    val_fraction: float = field(
+        default=0.2, metadata={"help": "Share of whole documents held out (by hash) to measure the adaptation on."})
     block_size: int = 256
-    epochs: float = field(default=3.0, metadata={"help": "Passes over the training documents, when max_steps and max_tokens are 0."})
+    epochs: float = 3.0
     r: int = field(default=8, metadata={"help": "LoRA rank; 0: no LoRA, train the trigger token's embedding alone."})
-    alpha: int = field(default=16, metadata={"help": "LoRA alpha: the update is scaled by alpha / r."})
+    lora_alpha: int = field(default=16, metadata={"help": "The LoRA update is scaled by lora_alpha / r."})
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(GPT2_CONV1D),
                                       metadata={"help": "Modules LoRA adapts: GPT-2's Conv1D layers by default."})
@@ -79,7 +80,10 @@ class LoraRunConfig(TrainConfig):
     learning_rate: float = 5e-4
     weight_decay: float = 0.0
     log_every: int = 5
-    eval_batches: int = field(default=0, metadata={"help": "Cap on held-out batches per process; 0: all held-out documents."})
+    eval_batches: int = 0
+
+    renamed: ClassVar[dict[str, str]] = {**TrainConfig.renamed, "writing": "dataset", "holdout_fraction": "val_fraction",
+                                         "alpha": "lora_alpha"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,7 +186,7 @@ def split_documents(documents: list[str], fraction: float) -> tuple[list[str], l
     """(train, held out): whole documents, the held-out ones those whose content hashes lowest. The same
     writing gives the same split on every run and process, whatever the files are called or their order."""
     if not 0 < fraction < 1:
-        raise UserError(f"holdout_fraction must be between 0 and 1, not {fraction}")
+        raise UserError(f"val_fraction must be between 0 and 1, not {fraction}")
     if len(documents) < 2:
         raise UserError(f"{len(documents)} document: at least 2 are needed, one to train on and one to measure on "
                         "(one long text: --split_paragraphs)")
@@ -263,21 +267,19 @@ class WritingData:
                                 seed=self.cfg.seed + process_index)
         return batches if self.trigger_id is None else _TriggerNotPredicted(batches, self.trigger_id)
 
-    def heldout(self, with_trigger: bool, num_processes: int = 1) -> list[dict]:
-        return heldout_batches(self.cfg, self.heldout_ids, self.eos, self.trigger_id if with_trigger else None,
-                               num_processes)
+    def heldout(self, with_trigger: bool) -> list[dict]:
+        return heldout_batches(self.cfg, self.heldout_ids, self.eos, self.trigger_id if with_trigger else None)
 
     def eval_batches(self, process_index: int, num_processes: int) -> list[dict]:
         """The held-out writing as the adapter is meant to be used: after the trigger, when there is one."""
-        return process_share(self.heldout(self.trigger_id is not None, num_processes), process_index, num_processes)
+        return process_share(self.heldout(self.trigger_id is not None), process_index, num_processes,
+                             self.cfg.eval_batches)
 
 
-def heldout_batches(cfg: LoraRunConfig, heldout_ids: list[list[int]], eos: int, trigger_id: int | None,
-                    num_processes: int) -> list[dict]:
-    """All held-out documents (or the first eval_batches per process), the trigger first when given."""
-    batches = pack_documents(as_documents(heldout_ids, eos, trigger_id), block_size=cfg.block_size,
-                             micro_batch_size=cfg.micro_batch_size, eos=eos, no_loss=trigger_id)
-    return batches[:cfg.eval_batches * num_processes] if cfg.eval_batches else batches
+def heldout_batches(cfg: LoraRunConfig, heldout_ids: list[list[int]], eos: int, trigger_id: int | None) -> list[dict]:
+    """All held-out documents, the trigger first when given."""
+    return pack_documents(as_documents(heldout_ids, eos, trigger_id), block_size=cfg.block_size,
+                          micro_batch_size=cfg.micro_batch_size, eos=eos, no_loss=trigger_id)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,7 +316,7 @@ def wrap_model(cfg: LoraRunConfig, model, trigger_id: int | None):
     if cfg.r == 0:
         config = TrainableTokensConfig(token_indices=tokens, task_type="CAUSAL_LM")
     else:
-        config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+        config = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                             target_modules=list(cfg.target_modules),
                             fan_in_fan_out=True,  # GPT-2's Conv1D keeps its weight as (in, out)
                             trainable_token_indices=tokens, task_type="CAUSAL_LM")
@@ -369,7 +371,7 @@ class Meter:
 
     def samples(self, model, prefix: str = "") -> list[str]:
         return generate(model.to(self.accelerator.device), self.tokenizer, [prefix + p for p in self.cfg.report_prompts],
-                        max_new_tokens=self.cfg.sample_tokens, seed=self.cfg.seed, **SAMPLED)
+                        max_new_tokens=self.cfg.max_new_tokens, seed=self.cfg.seed, **SAMPLED)
 
     def base_written_text(self, model) -> list[list[int]]:
         """GENERAL_BLOCKS texts the base model writes from an empty context (sampled from its full
@@ -404,8 +406,8 @@ class Meter:
 def check_config(cfg: LoraRunConfig) -> None:
     if not cfg.model:
         raise UserError("set --model: the base model folder (e.g. runs/sft/final) or a Hub id")
-    if not cfg.writing:
-        raise UserError("set --writing: a folder of your .txt/.md writing, or one file")
+    if not cfg.dataset:
+        raise UserError("set --dataset: a folder of your .txt/.md writing, or one file")
     if cfg.r == 0 and not cfg.trigger_token:
         raise UserError("r 0 trains the trigger token alone: set --trigger_token too")
 
@@ -444,8 +446,8 @@ def run_lora(cfg: LoraRunConfig) -> dict | None:
     """Train the adapter; on the main process return the report (None elsewhere, or when stopped early)."""
     check_config(cfg)
     # What can refuse the run comes before it creates anything: the writing, the tokenizer, the run's length.
-    writing = read_writing(cfg.writing, cfg.split_paragraphs)
-    train_texts, heldout_texts = split_documents(writing.documents, cfg.holdout_fraction)
+    writing = read_writing(cfg.dataset, cfg.split_paragraphs)
+    train_texts, heldout_texts = split_documents(writing.documents, cfg.val_fraction)
     tokenizer = load_tokenizer(cfg.model)
     eos = tokenizer.eos_token_id
     # Tokenized before the trigger exists: the writing's own characters never become the trigger.
@@ -468,8 +470,7 @@ def run_lora(cfg: LoraRunConfig) -> dict | None:
     before = {}
     if main:  # the base as given, before the trigger row or any adapter touches it
         general, general_source = meter.general_documents(model)
-        before = {"heldout": meter.perplexity(model, heldout_batches(cfg, heldout_ids, eos, None,
-                                                                     accelerator.num_processes)),
+        before = {"heldout": meter.perplexity(model, heldout_batches(cfg, heldout_ids, eos, None)),
                   "general": meter.perplexity(model, meter.pack(general)), "samples": meter.samples(model)}
 
     trigger_id = add_trigger_token(tokenizer, model, cfg.trigger_token) if cfg.trigger_token else None
@@ -485,15 +486,15 @@ def run_lora(cfg: LoraRunConfig) -> dict | None:
     mark_personal(result.final_dir)  # the engine wrote adapter/; copied anywhere, it still says what it learnt
 
     heldout = {"base": before["heldout"],
-               "adapted": meter.perplexity(model, data.heldout(False, accelerator.num_processes))}
+               "adapted": meter.perplexity(model, data.heldout(False))}
     samples = {"base": before["samples"], "adapted": meter.samples(model)}
     if trigger_id is not None:
-        heldout["adapted_with_trigger"] = meter.perplexity(model, data.heldout(True, accelerator.num_processes))
+        heldout["adapted_with_trigger"] = meter.perplexity(model, data.heldout(True))
         samples["adapted_with_trigger"] = meter.samples(model, cfg.trigger_token)
     report = {
         "base_model": base,
         "writing": counts,
-        "adapter": {"method": "lora" if cfg.r else "trigger token only", "r": cfg.r, "alpha": cfg.alpha,
+        "adapter": {"method": "lora" if cfg.r else "trigger token only", "r": cfg.r, "lora_alpha": cfg.lora_alpha,
                     "lora_dropout": cfg.lora_dropout, "target_modules": list(cfg.target_modules) if cfg.r else [],
                     "trigger_token": cfg.trigger_token, "trainable_parameters": trainable},
         "training": {"steps": result.steps, "tokens": result.tokens, "learning_rate": cfg.learning_rate},
@@ -520,7 +521,7 @@ def report_markdown(report: dict) -> str:
     """Counts and numbers only: nothing in it quotes the writing, so it can be shared."""
     w, a, h, g = report["writing"], report["adapter"], report["heldout_perplexity"], report["general_perplexity"]
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(w["skipped"].items())) or "none"
-    method = (f"LoRA r={a['r']}, alpha={a['alpha']}, dropout {a['lora_dropout']} on {', '.join(a['target_modules'])}"
+    method = (f"LoRA r={a['r']}, alpha={a['lora_alpha']}, dropout {a['lora_dropout']} on {', '.join(a['target_modules'])}"
               if a["r"] else "no LoRA: the trigger token's embedding alone")
     trigger = f"`{a['trigger_token']}`" if a["trigger_token"] else "none"
     lines = [
@@ -563,7 +564,7 @@ def report_markdown(report: dict) -> str:
 def samples_markdown(cfg: LoraRunConfig, samples: dict) -> str:
     lines = ["# PRIVATE: samples from models trained on your writing", "",
              "Generated text can repeat your writing word for word. Keep this file local; never commit or push it.",
-             f"Sampled continuations (temperature 0.8, top-k 40, a fixed seed), {cfg.sample_tokens} new tokens.", ""]
+             f"Sampled continuations (temperature 0.8, top-k 40, a fixed seed), {cfg.max_new_tokens} new tokens.", ""]
     for i, prompt in enumerate(cfg.report_prompts):
         lines += [f"## {prompt!r}", ""]
         for name, texts in samples.items():

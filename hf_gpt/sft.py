@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -83,17 +84,17 @@ class SFTConfig(TrainConfig):
     output_dir: str = "runs/sft"
     model: str = field(default="", metadata={"help": "Base model: a folder (scripts/pretrain.py's final/, any GPT-2 folder) or a Hub id."})
     # Data.
-    data: str = field(default="", metadata={"help": "Instruction records: a .json/.jsonl file, or a Hub dataset id / local dataset folder."})
-    data_config: str = ""
-    data_split: str = "train"
-    val_fraction: float = 0.05
-    test_fraction: float = 0.10
+    dataset: str = field(default="", metadata={"help": "Instruction records: a .json/.jsonl file, or a Hub dataset id / local dataset folder."})
+    dataset_config: str = ""
+    dataset_split: str = "train"
+    val_fraction: float = field(default=0.05, metadata={"help": "Share of records held out for validation."})
+    test_fraction: float = field(default=0.10, metadata={"help": "Share of records held out for the test replies."})
     split_seed: int = field(default=0, metadata={"help": "0: split in file order (train, then test, then validation), as the article did; N: shuffle with seed N first."})
     chat_template: str = field(default="alpaca", metadata={"help": "'alpaca' or a Jinja file that marks each reply and its end token as a generation block."})
     max_length: int = field(default=1024, metadata={"help": "Tokens per example (prompt, reply, end token); at most the model's context."})
     overlong: str = field(default="truncate", metadata={"help": "Longer records: truncate (cut the reply's end) | drop."})
     packing: bool = field(default=False, metadata={"help": "Pack several examples into each row of max_length tokens; attention stays inside each."})
-    epochs: int = 2
+    epochs: float = 2.0
     dropout: float = field(default=0.0, metadata={"help": "GPT-2's dropout while tuning; the article used none (OpenAI's config says 0.1)."})
     # Test split: replies, ROUGE-L and an optional LLM judge.
     max_new_tokens: int = 256
@@ -109,17 +110,20 @@ class SFTConfig(TrainConfig):
     adam_beta2: float = 0.999
     micro_batch_size: int = 8
     log_every: int = 5
-    eval_batches: int = field(default=0, metadata={"help": "0: the whole validation split."})
+    eval_batches: int = 0
+
+    renamed: ClassVar[dict[str, str]] = {**TrainConfig.renamed, "data": "dataset", "data_config": "dataset_config",
+                                         "data_split": "dataset_split"}
 
 
 def check_config(cfg: SFTConfig) -> None:
-    if not cfg.model or not cfg.data:
-        raise UserError("set --model (a base model folder or Hub id) and --data (instruction records)")
+    if not cfg.model or not cfg.dataset:
+        raise UserError("set --model (a base model folder or Hub id) and --dataset (instruction records)")
     check_source(cfg.model, "model", MODEL_FILES)  # the tokenizer is loaded from it first and would take the blame
     if cfg.tokens_per_step:
         raise UserError("tokens_per_step does not apply to SFT (batches vary in length); "
                         "set gradient_accumulation_steps instead")
-    if cfg.epochs < 1 and not cfg.max_steps:
+    if not cfg.epochs and not cfg.max_steps:
         raise UserError("set epochs (or max_steps) to a positive number")
 
 
@@ -391,15 +395,15 @@ class SFTBatches:
 
 
 class SFTData:
-    """The records of `cfg.data`, split, tokenized through the chat template, length-checked and (when
+    """The records of `cfg.dataset`, split, tokenized through the chat template, length-checked and (when
     packing) packed: what the engine trains and validates on, and the test split's chats."""
 
     def __init__(self, cfg: SFTConfig, tokenizer, context: int):
         self.cfg, self.tokenizer, self.context = cfg, tokenizer, context
         self.max_length = min(cfg.max_length, context)
-        records = read_records(cfg.data, cfg.data_config, cfg.data_split)
+        records = read_records(cfg.dataset, cfg.dataset_config, cfg.dataset_split)
         if not records:
-            raise UserError(f"data {cfg.data}: no records")
+            raise UserError(f"dataset {cfg.dataset}: no records")
         chats = [(where, to_messages(record, where)) for where, record in records]  # every record checked first
         train, val, test = split_records(chats, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
         self.counts = {"records": len(chats)}
@@ -409,7 +413,7 @@ class SFTData:
         self.test = [messages for _, messages in test if len(chat_prompt_ids(tokenizer, messages[:-1])) < context]
         self.counts["test"], self.counts["test_too_long"] = len(self.test), len(test) - len(self.test)
         if not self.train:
-            raise UserError(f"data {cfg.data}: no training examples left after the split and the length limit")
+            raise UserError(f"dataset {cfg.dataset}: no training examples left after the split and the length limit")
 
     def _examples(self, split: str, chats: list) -> list[Example]:
         examples = [encode_chat(self.tokenizer, messages, where) for where, messages in chats]
@@ -430,14 +434,11 @@ class SFTData:
                           process_index=process_index, num_processes=num_processes)
 
     def eval_batches(self, process_index: int, num_processes: int) -> list[dict]:
-        """This process's share (hf_gpt.data.process_share) of the whole validation split (or its first
-        eval_batches batches)."""
+        """This process's share (hf_gpt.data.process_share) of the validation split."""
         units, size = self._units(self.val, None), self.cfg.micro_batch_size
-        batches = [collate(units[i:i + size], self.tokenizer.pad_token_id, self.cfg.packing)
-                   for i in range(0, len(units), size)]
-        if self.cfg.eval_batches:
-            batches = batches[:self.cfg.eval_batches]
-        return process_share(batches, process_index, num_processes)
+        batches = (collate(units[i:i + size], self.tokenizer.pad_token_id, self.cfg.packing)
+                   for i in range(0, len(units), size))
+        return process_share(batches, process_index, num_processes, self.cfg.eval_batches)
 
     def steps_per_epoch(self, num_processes: int, accumulation: int) -> int:
         """Optimizer steps per pass over the training split (micro-batches left over roll into the next)."""

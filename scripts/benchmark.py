@@ -3,10 +3,10 @@
     python scripts/benchmark.py --config configs/gpt2-small.yaml                      # random tokens, GPU speed
     python scripts/benchmark.py --config configs/gpt2-small.yaml --attn_implementation flex_attention \\
         --fused_cross_entropy --micro_batch_size 64
-    python scripts/benchmark.py --config configs/gpt2-small.yaml --data config    # the config's dataset, real loader
+    python scripts/benchmark.py --config configs/gpt2-small.yaml --benchmark_data config  # the config's dataset, real loader
     python scripts/benchmark.py --config configs/gpt2-small.yaml --benchmark loader --dataset data/shards  # CPU side
 
-`--data random` (the default for `--benchmark train`) feeds random tokens cut into documents of random
+`--benchmark_data random` (the default for `--benchmark train`) feeds random tokens cut into documents of random
 length, so the document mask is exercised exactly as with real data while the CPU does no work at all.
 """
 
@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
@@ -31,11 +32,13 @@ H100_BF16_DENSE_TFLOPS = 989.0  # datasheet peak (SXM); the measured matmul ceil
 @dataclass
 class BenchmarkConfig(PretrainConfig):
     output_dir: str = "runs/benchmark"
-    data: str = field(default="random", metadata={"help": "train benchmark: random | config (the --dataset, real loader)"})
+    benchmark_data: str = field(default="random", metadata={"help": "train benchmark: random | config (the --dataset, real loader)"})
     benchmark: str = field(default="train", metadata={"help": "train (GPU step) | loader (data pipeline only)"})
     benchmark_steps: int = 10
     benchmark_warmup_steps: int = 3
     mean_document_tokens: int = field(default=700, metadata={"help": "Random data: mean document length."})
+
+    renamed: ClassVar[dict[str, str]] = {**PretrainConfig.renamed, "data": "benchmark_data"}
 
 
 def random_batches(cfg, vocab_size: int, eos: int, count: int = 8) -> list[dict]:
@@ -60,7 +63,7 @@ def flops_per_token(model, cfg) -> float:
 
 
 def data_source(cfg):
-    if cfg.benchmark == "train" and cfg.data == "random":
+    if cfg.benchmark == "train" and cfg.benchmark_data == "random":
         return None
     from hf_gpt.data import PretrainData
     from hf_gpt.loading import load_tokenizer

@@ -9,7 +9,6 @@ pipeline("text-generation"); the conversation is kept (oldest turns dropped when
 until /reset. A model without a chat template continues each line as plain text.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,13 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from hf_gpt.config import UserError, run_cli  # noqa: E402
+from hf_gpt.config import ScriptParser, UserError, run_cli  # noqa: E402
 from hf_gpt.generation import chat_prompt_ids, generate  # noqa: E402
 from hf_gpt.loading import context_length, load_model  # noqa: E402
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("model", help="Model folder (e.g. runs/sft/final), Hub id, or PEFT adapter folder.")
     parser.add_argument("--prompt", help="Text to continue (with --chat: one user message).")
     parser.add_argument("--chat", action="store_true",

@@ -1,7 +1,7 @@
 """Instruction-tune a GPT-2 (this project's or OpenAI's) on Alpaca-style records; loss on the replies only.
 
     accelerate launch scripts/sft.py --config configs/sft.yaml --model runs/gpt2-small/final
-    accelerate launch scripts/sft.py --config configs/sft.yaml --model openai-community/gpt2 --data my.jsonl
+    accelerate launch scripts/sft.py --config configs/sft.yaml --model openai-community/gpt2 --dataset my.jsonl
     python scripts/generate.py runs/sft/final --chat        # talk to it
 
 After training, the test split's replies go to <output_dir>/test_responses.jsonl with ROUGE-L, and with
@@ -9,6 +9,7 @@ an LLM judge's 0-100 score when --judge_url and --judge_model name an OpenAI-com
 --base_replies test prompts also get the base model's reply (base_response), before beside after.
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -36,10 +37,10 @@ def main():
     accelerator.print(data.summary())
     # An epoch is a number of optimizer steps only once the data is known: set both here.
     steps_per_epoch = data.steps_per_epoch(accelerator.num_processes, cfg.gradient_accumulation_steps or 1)
-    cfg.max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    cfg.max_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     cfg.eval_every = cfg.eval_every or steps_per_epoch
     result = train(cfg, model, tokenizer, data, accelerator,
-                   info={"recipe": "sft", "base_model": cfg.model, "datasets": [cfg.data], "data": data.counts})
+                   info={"recipe": "sft", "base_model": cfg.model, "datasets": [cfg.dataset], "data": data.counts})
     if result.stopped_early or not accelerator.is_main_process:
         return
     wrote = "final/ (Hub format, with the chat template), metrics.jsonl, loss.png, summary.json, config.yaml"

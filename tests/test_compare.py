@@ -270,10 +270,10 @@ def test_compare_script_end_to_end(tmp_path, uniform_dir, unigram_dir, tokenizer
     (tmp_path / "prompts.txt").write_text("the zoo has\n")
     out = tmp_path / "report"
     result = run_script("scripts/compare.py", str(uniform_dir), str(unigram_dir),
-                        "--text", str(tmp_path / "held_out.txt"), "--hellaswag", str(tmp_path / "hs.jsonl"),
+                        "--dataset", str(tmp_path / "held_out.txt"), "--hellaswag", str(tmp_path / "hs.jsonl"),
                         "--lambada", str(tmp_path / "lambada.jsonl"),
-                        "--limit", "2", "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "2",
-                        "--out", str(out))
+                        "--limit", "2", "--prompts", str(tmp_path / "prompts.txt"), "--max_new_tokens", "2",
+                        "--output_dir", str(out))
     report = json.loads((out / "results.json").read_text())
     assert list(report["models"]) == [str(uniform_dir), str(unigram_dir)]  # names as given
     vocab = len(tokenizer)
@@ -295,7 +295,7 @@ def test_compare_script_end_to_end(tmp_path, uniform_dir, unigram_dir, tokenizer
 
 
 def test_unreachable_hub_dataset_is_one_line_and_exit_2(tmp_path, uniform_dir):
-    result = run_script("scripts/compare.py", str(uniform_dir), "--tasks", "hellaswag", "--out", str(tmp_path),
+    result = run_script("scripts/compare.py", str(uniform_dir), "--tasks", "hellaswag", "--output_dir", str(tmp_path),
                         check=False)
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]

@@ -40,7 +40,7 @@ def straight_run(tmp_path_factory, corpus, tokenizer_dir):
 
 def module_args(corpus, tokenizer_dir):
     return ["--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--n_layer", "2", "--n_head", "2",
-            "--n_embd", "32", "--block_size", "64", "--micro_batch_size", "4", "--holdout_fraction", "0.1",
+            "--n_embd", "32", "--block_size", "64", "--micro_batch_size", "4", "--val_fraction", "0.1",
             "--warmup_steps", "2", "--learning_rate", "3e-3", "--eval_every", "0", "--eval_batches", "2",
             "--mixed_precision", "no", "--sample_prompts", "def ",
             "--dropout", "0.1", "--crop", "random",  # dropout and crop: resume must restore their RNGs
@@ -449,11 +449,11 @@ def test_a_launched_run_ends_on_its_error_line_with_quiet(tiny_args, tmp_path):
 
 def test_an_empty_validation_split_stops_the_run_before_training(tiny_args, tmp_path):
     run = tmp_path / "run"
-    result = run_script("scripts/pretrain.py", *tiny_args, "--holdout_fraction", "0.0005", "--max_steps", "50",
+    result = run_script("scripts/pretrain.py", *tiny_args, "--val_fraction", "0.0005", "--max_steps", "50",
                         "--output_dir", str(run), check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: dataset ") and "holdout_fraction 0.0005" in last and "--eval_split" in last
+    assert last.startswith("error: dataset ") and "val_fraction 0.0005" in last and "--eval_split" in last
     assert "Traceback" not in result.stderr
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()  # no step was trained
 

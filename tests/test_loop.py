@@ -120,7 +120,7 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(tiny_args, tmp_path):
 def test_token_shards_resume_exactly(corpus, tokenizer_dir, tiny_args, tmp_path):
     shards = tmp_path / "shards"
     run_script("scripts/prepare_data.py", "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir),
-               "--holdout_fraction", "0.1", "--shard_tokens", "1000", "--out", str(shards))
+               "--val_fraction", "0.1", "--shard_tokens", "1000", "--output_dir", str(shards))
     args = [*tiny_args, "--dataset", str(shards), "--max_steps", "12", "--save_every", "4", "--keep_checkpoints", "0"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_script("scripts/pretrain.py", *args, "--output_dir", str(straight))

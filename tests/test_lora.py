@@ -42,8 +42,8 @@ def make_base(folder: Path, tokenizer_dir: Path, spare_rows: int, initializer_ra
 
 
 def run_args(base: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", str(base), "--writing", str(WRITING), "--output_dir", str(out), "--block_size", "64",
-            "--mixed_precision", "no", "--learning_rate", "1e-2", "--log_every", "5", "--sample_tokens", "12", *extra]
+    return ["--model", str(base), "--dataset", str(WRITING), "--output_dir", str(out), "--block_size", "64",
+            "--mixed_precision", "no", "--learning_rate", "1e-2", "--log_every", "5", "--max_new_tokens", "12", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +241,8 @@ def test_trigger_alone_leaves_text_without_it_unchanged(tmp_path, tokenizer_dir,
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--writing", "no/such/notes"], "writing not found: no/such/notes"),
-    (["--writing", "EMPTY"], "no text to learn from in it (0 documents from 0 files (skipped 1 binary, 1 hidden))"),
+    (["--dataset", "no/such/notes"], "writing not found: no/such/notes"),
+    (["--dataset", "EMPTY"], "no text to learn from in it (0 documents from 0 files (skipped 1 binary, 1 hidden))"),
     (["--target_modules", "q_proj"], "PEFT could not wrap"),
     (["--r", "0"], "set --trigger_token too"),
 ])
@@ -285,7 +285,7 @@ def test_oversized_writing_is_refused_before_anything_is_made(tmp_path, tokenize
     (writing / "a-note.txt").write_text("A short note about the tide.\n\nAnother paragraph.")
     (writing / "line.txt").write_text("x" * 6_000)
     base = make_base(tmp_path / "base", tokenizer_dir, spare_rows=0)
-    cfg = load_config(LoraRunConfig, run_args(base, tmp_path / "run", "--writing", str(writing), *extra))
+    cfg = load_config(LoraRunConfig, run_args(base, tmp_path / "run", "--dataset", str(writing), *extra))
     assert message in refusal(cfg, capsys)
     assert not (tmp_path / "run").exists()
 

@@ -59,7 +59,7 @@ def chat_model(base_model, tokenizer, tmp_path_factory) -> Path:
 
 
 def sft_config(base_model, **overrides) -> SFTConfig:
-    return SFTConfig(model=str(base_model), data=str(RECORDS), **{"micro_batch_size": 4, **overrides})
+    return SFTConfig(model=str(base_model), dataset=str(RECORDS), **{"micro_batch_size": 4, **overrides})
 
 
 def test_alpaca_template_writes_the_articles_prompt(tokenizer):
@@ -259,7 +259,7 @@ def test_rouge_l_is_the_longest_common_word_subsequence():
 def test_bad_data_stops_the_script_with_one_line(base_model, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ["d"]}\n')
-    result = run_script("scripts/sft.py", "--model", str(base_model), "--data", str(data), "--output_dir",
+    result = run_script("scripts/sft.py", "--model", str(base_model), "--dataset", str(data), "--output_dir",
                         str(tmp_path / "run"), "--mixed_precision", "no", check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -270,7 +270,7 @@ def test_bad_data_stops_the_script_with_one_line(base_model, tmp_path):
 def test_a_folder_without_a_model_is_named_as_the_model(tmp_path):
     (tmp_path / "notes").mkdir()
     with pytest.raises(UserError, match=r"^model '.*notes' could not be loaded: the folder has none of config.json"):
-        check_config(SFTConfig(model=str(tmp_path / "notes"), data=str(RECORDS)))
+        check_config(SFTConfig(model=str(tmp_path / "notes"), dataset=str(RECORDS)))
 
 
 def test_overlong_records_are_truncated_or_dropped_and_counted(tokenizer, base_model):
@@ -402,7 +402,7 @@ def test_judge_scores_on_the_articles_scale(judge):
 def test_sft_script_end_to_end(base_model, tmp_path, judge):
     server = judge("90")
     out = tmp_path / "sft"
-    result = run_script("scripts/sft.py", "--model", str(base_model), "--data", str(RECORDS), "--output_dir", str(out),
+    result = run_script("scripts/sft.py", "--model", str(base_model), "--dataset", str(RECORDS), "--output_dir", str(out),
                         "--micro_batch_size", "6", "--epochs", "2", "--learning_rate", "3e-3",
                         "--mixed_precision", "no", "--max_new_tokens", "12", "--log_every", "1",
                         "--judge_url", server.url, "--judge_model", "stand-in")
