@@ -90,7 +90,9 @@ class TrainConfig:
         default=False, metadata={"help": "GPU: Liger's fused linear + cross-entropy, logits never materialised."})
 
     # Evaluation, logging, checkpoints.
-    eval_every: int = 0
+    eval_every: int = field(default=0, metadata={
+        "help": "Steps between evaluations; 0: after every pass over the training data where its size is known "
+                "(SFT, LoRA), else only at the end, which always evaluates."})
     eval_batches: int = field(default=8, metadata={
         "help": "Validation micro-batches per process at each evaluation; 0: the whole validation split."})
     log_every: int = 10

@@ -311,9 +311,9 @@ class PretrainData:
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.shards = TokenShards(cfg.dataset) if TokenShards.is_shard_folder(cfg.dataset) else None
-        if self.shards and cfg.tokenizer == "train":
-            # Token shards are tokenized already: the tokenizer they were made with is the one that reads them.
-            cfg.tokenizer = str(self.shards.folder / "tokenizer")
+        # Token shards are tokenized already: the tokenizer they were made with is the one that reads them.
+        self.tokenizer_name = (str(self.shards.folder / "tokenizer") if self.shards and cfg.tokenizer == "train"
+                               else cfg.tokenizer)
         self.source = None if self.shards else DocumentSource(
             cfg.dataset, config=cfg.dataset_config, split=cfg.dataset_split, text_column=cfg.text_column,
             encoding_errors=cfg.data_encoding_errors, seed=cfg.seed)
@@ -329,7 +329,7 @@ class PretrainData:
     def train_batches(self, process_index: int, num_processes: int):
         cfg = self.cfg
         if self.shards:
-            self.shards.check_tokenizer(self.tokenizer, cfg.tokenizer)
+            self.shards.check_tokenizer(self.tokenizer, self.tokenizer_name)
             return ShardBatches(self.shards.tokens("train"), eos=self.tokenizer.eos_token_id,
                                 block_size=cfg.block_size, micro_batch_size=cfg.micro_batch_size,
                                 document_masking=cfg.document_masking, process_index=process_index,

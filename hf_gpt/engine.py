@@ -24,7 +24,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -167,8 +167,10 @@ def target_count(batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, accelerator, attn_implementation: str) -> dict:
-    """Validation loss (nats per target token), perplexity and bits per byte over a fixed set.
+def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, attn_implementation: str = "sdpa",
+             accelerator: Accelerator | None = None) -> dict:
+    """Validation loss (nats per target token), perplexity and bits per byte over a fixed set: this process's
+    batches summed over all processes with an `accelerator`, else this process's alone.
 
     Runs the model as it is, not compiled: a compiled model would compile again for evaluation (no
     gradients, eval mode, other shapes), which costs tens of seconds at every switch. Flex attention
@@ -176,17 +178,19 @@ def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, accelerator
     """
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # nll, targets, bytes
-    byte_lengths = byte_lengths.to(accelerator.device)
+    device = next(model.parameters()).device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, targets, bytes
+    byte_lengths = byte_lengths.to(device)
     mask_kind = "eager" if attn_implementation == "eager" else "sdpa"
     for batch in batches:
-        inputs = model_inputs(batch, accelerator.device, mask_kind)
+        inputs = model_inputs(batch, device, mask_kind)
         labels = inputs.pop("labels")[:, 1:]
         logits = model(**inputs).logits[:, :-1].float()
         nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         keep = labels != -100
         totals += torch.stack([nll.double(), keep.sum().double(), byte_lengths[labels[keep]].sum().double()])
-    totals = accelerator.reduce(totals, "sum")
+    if accelerator is not None:
+        totals = accelerator.reduce(totals, "sum")
     model.train(was_training)
     nll, count, nbytes = totals.tolist()
     if not count:
@@ -459,104 +463,21 @@ def optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler, micro
 def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: str = "final",
           info: dict | None = None) -> RunResult:
     """Train `model` on `data` as `cfg` says; checkpoints, metrics and `<output_dir>/<final_name>/`."""
-    out = Path(cfg.output_dir)
-    main = accelerator.is_main_process
-    batches = data.train_batches(accelerator.process_index, accelerator.num_processes)
-
-    step = tokens = 0
-    progress: dict = {}
-    if main:
-        recover_folders(out)
-    accelerator.wait_for_everyone()
-    checkpoints = checkpoint_dirs(out)
-    resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
-    # Before anything is built: another config would load the checkpoint into another run.
-    changes = check_resumable(cfg, out, resume_from, accelerator.num_processes) if resume_from else []
-
-    # The batch shape (for the accumulation count) comes from the data itself.
-    peek_state = batches.state_dict()
-    example = next(batches)
-    batches.load_state_dict(peek_state)
-    accum = accumulation_steps(cfg, example["input_ids"].numel(), accelerator.num_processes)
-    tokens_per_step = example["input_ids"].numel() * accum * accelerator.num_processes
-    total_steps = cfg.max_steps or (cfg.max_tokens // tokens_per_step if cfg.max_tokens else 0)
-    if total_steps <= 0:
-        raise UserError("set max_steps or max_tokens to a positive number")
-    # Read before anything is built or written, so that an empty or broken validation split stops the
-    # run at once, not at its first evaluation.
-    eval_set = data.eval_batches(accelerator.process_index, accelerator.num_processes)
-    model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, total_steps)
-    # start_run seeded every process alike, so the recipe built the same initial weights (and LoRA
-    # adapters) everywhere: DDP broadcasts rank 0's anyway, but FSDP2 keeps each process's own shard.
-    # From here the RNG draws dropout masks, which must differ between processes, or every process drops
-    # the same units of its batch. A resumed run then restores each process's own RNG state.
-    set_seed(cfg.seed, device_specific=True)
-    guard = FiniteGuard(model, accelerator)
-
-    if resume_from:
-        progress = load_checkpoint(accelerator, resume_from, batches)
-        step, tokens = progress["step"], progress["tokens"]
-        accelerator.print(f"resumed from {resume_from} at step {step}"
-                          + (f" (changed: {', '.join(changes)})" if changes else ""))
-        if step > total_steps:
-            raise UserError(f"{resume_from} is past this run's {total_steps} steps; resume with a longer "
-                            "--max_steps or --max_tokens")
-    elif cfg.resume:
-        accelerator.print(f"no checkpoint in {out / CHECKPOINTS}: starting from scratch")
-
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
-    metrics.truncate_after(step)  # rows a killed run wrote past its last checkpoint
+    run = set_up(cfg, model, tokenizer, data, accelerator)
+    out, main, total_steps = run.output_dir, accelerator.is_main_process, run.total_steps
+    step, tokens = run.progress["step"], run.progress["tokens"]
     if step == total_steps:
         # The checkpoint at the last step is saved after final/ and summary.json: nothing is left to do.
         accelerator.print(f"{out} already finished at step {step}; nothing to train")
-        last_eval = next(({k: v for k, v in r.items() if k.startswith("val_")}
-                          for r in reversed(metrics.rows()) if "val_loss" in r), {})
-        return RunResult(out, out / final_name, step, tokens, last_eval, False)
-    if main and not resume_from:  # a resumed run keeps the config it was started with
-        save_config(cfg, out / "config.yaml")
-    if cfg.report_to:
-        accelerator.init_trackers(out.name, config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)})
+        return RunResult(out, out / final_name, step, tokens, run.metrics.last_eval(), False)
 
-    byte_lengths = token_byte_lengths(tokenizer, accelerator.unwrap_model(model).config.vocab_size)
-    last_eval: dict = {}
-    eval_seconds = 0.0
-
-    def stop_if_diverged():
-        error = guard.failure(accum, out)
-        if error:
-            bar.close()  # the error line must not land on the progress bar
-            raise UserError(error)
-
-    def run_eval():
-        nonlocal last_eval, eval_seconds
-        stop_if_diverged()
-        began = time.perf_counter()
-        last_eval = evaluate(accelerator.unwrap_model(model), eval_set, byte_lengths, accelerator,
-                             cfg.attn_implementation)
-        row = {"step": step, "tokens": tokens_now(), **last_eval}
-        if cfg.sample_prompts and main:
-            row["samples"] = generate(accelerator.unwrap_model(model), tokenizer, cfg.sample_prompts,
-                                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, **SAMPLED)
-        metrics.write(row)
-        accelerator.log(last_eval, step=step)
-        if main and last_eval:
-            tqdm.write(f"step {step}: val_loss {last_eval['val_loss']:.4f}  ppl {last_eval['val_ppl']:.2f}  "
-                       f"bpb {last_eval['val_bpb']:.4f}")
-            for prompt, text in zip(cfg.sample_prompts, row.get("samples", [])):
-                tqdm.write(f"  {prompt!r} -> {text!r}")
-        eval_seconds += time.perf_counter() - began
-
-    accelerator.print(f"training {total_steps} steps x {tokens_per_step:,} tokens "
-                      f"(micro-batch {example['input_ids'].shape[0]} x {example['input_ids'].shape[1]}, "
-                      f"accumulation {accum}, processes {accelerator.num_processes})")
-    bar = tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True, desc=out.name)
-    model.train()
+    run.model.train()
     # The steps since the last log row. A checkpoint between log steps carries them, so that the first row
     # after a resume averages the same steps as in a run never stopped (older checkpoints: the steps since).
-    window_loss = torch.full((), progress.get("window_loss", 0.0), device=accelerator.device)
-    window_steps = progress.get("window_steps", 0)
+    window_loss = torch.full((), run.progress.get("window_loss", 0.0), device=accelerator.device)
+    window_steps = run.progress.get("window_steps", 0)
     # The largest gradient norm of the window: spikes are what it is read for.
-    window_grad_norm = torch.full((), progress.get("window_grad_norm", 0.0), device=accelerator.device)
+    window_grad_norm = torch.full((), run.progress.get("window_grad_norm", 0.0), device=accelerator.device)
     # Tokens are counted on the device (SFT batches vary in size) and read back on log steps.
     tokens_at_start, new_tokens = tokens, torch.zeros((), dtype=torch.long, device=accelerator.device)
     window_start = started = time.perf_counter()
@@ -569,12 +490,14 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                 "window_grad_norm": window_grad_norm.item()}
 
     stopped = False
-    with StopSignal() as stop:
+    # The bar closes however the loop ends, so that an error line never lands on it.
+    with StopSignal() as stop, tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True,
+                                    desc=out.name) as bar:
         while step < total_steps:
-            micro_batches = [next(batches) for _ in range(accum)]
-            lr = scheduler.get_last_lr()[0]  # this step's: the scheduler moves on at its end
-            loss, grad_norm, step_tokens = optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler,
-                                                          micro_batches, guard, step + 1)
+            micro_batches = [next(run.batches) for _ in range(run.accumulation)]
+            lr = run.scheduler.get_last_lr()[0]  # this step's: the scheduler moves on at its end
+            loss, grad_norm, step_tokens = optimizer_step(cfg, accelerator, run.model, run.forward, run.optimizer,
+                                                          run.scheduler, micro_batches, run.guard, step + 1)
             window_loss += loss
             window_steps += 1
             window_grad_norm = torch.maximum(window_grad_norm, grad_norm)
@@ -590,23 +513,21 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, "tokens": tokens, "loss": loss_value, "lr": lr,
                        "grad_norm": window_grad_norm.item(), "tokens_per_s": window_tokens / elapsed}
-                metrics.write(row)
+                run.metrics.write(row)
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
-                stop_if_diverged()
+                check_finite(run)
                 window_loss.zero_()
                 window_steps = 0
                 window_grad_norm.zero_()
                 window_start = time.perf_counter()
             paused = time.perf_counter()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                run_eval()
+            if run.eval_every and step % run.eval_every == 0 and step < total_steps:
+                evaluate_and_log(run, step, tokens_now())
             # At the last step the run finishes anyway, with final/ and the checkpoint that says it is complete.
             stop_now = step < total_steps and _agreed(stop.received, accelerator, step % cfg.log_every == 0)
             if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stop_now:
-                stop_if_diverged()
-                with unwritable_as_error(f"checkpoint step {step}", out):
-                    path = save_checkpoint(accelerator, out, progress_now(), batches, cfg.keep_checkpoints)
+                path = checkpoint(run, progress_now())
                 if stop_now:
                     bar.close()
                     accelerator.print(f"stopped by signal at step {step}; checkpoint {path}; "
@@ -615,25 +536,174 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                     break
             # tokens_per_s measures training: the clock stops while evaluating and saving
             window_start += time.perf_counter() - paused
-    bar.close()
-    if not stopped:
-        run_eval()
-        with unwritable_as_error(f"{final_name}/", out):
-            save_final(accelerator, model, tokenizer, out / final_name)
-    wall = time.perf_counter() - started
-    tokens = tokens_now()
+    return finish(run, progress_now(), started, stopped, final_name, info or {})
+
+
+@dataclass
+class Run:
+    """What set_up() prepared for the loop, and where the loop starts: `progress` holds the step, the tokens
+    and the open log window (a checkpoint's, when resumed)."""
+
+    cfg: object
+    accelerator: Accelerator
+    output_dir: Path
+    tokenizer: object
+    model: torch.nn.Module
+    forward: object  # the model's forward, compiled or not
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: object  # data.train_batches(): an iterator with state_dict()/load_state_dict()
+    eval_set: list[dict]
+    guard: FiniteGuard
+    metrics: MetricsLog
+    byte_lengths: torch.Tensor
+    accumulation: int
+    tokens_per_step: int
+    total_steps: int
+    eval_every: int
+    progress: dict
+    last_eval: dict = field(default_factory=dict)
+    eval_seconds: float = 0.0
+
+
+def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
+    """Everything before the first step, in an order that stops a bad run before it builds or writes anything:
+    folders recovered, a resume checked against the run's config.yaml, the run's length from the data's batch
+    shape, the validation set read, then the model, optimizer and schedule prepared, the checkpoint loaded,
+    config.yaml written and the trackers started."""
+    out = Path(cfg.output_dir)
+    main = accelerator.is_main_process
+    batches = data.train_batches(accelerator.process_index, accelerator.num_processes)
     if main:
-        summary = run_summary(cfg, accelerator, {"steps": step, "tokens": tokens, "wall_time_s": wall,
-                                                 "eval_time_s": eval_seconds, "tokens_per_step": tokens_per_step,
-                                                 "eval": last_eval}, info or {})
-        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-        metrics.plot(out / "loss.png")
+        recover_folders(out)
+    accelerator.wait_for_everyone()
+    checkpoints = checkpoint_dirs(out)
+    resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
+    # Before anything is built: another config would load the checkpoint into another run.
+    changes = check_resumable(cfg, out, resume_from, accelerator.num_processes) if resume_from else []
+
+    # The batch shape (for the accumulation count) comes from the data itself.
+    peek_state = batches.state_dict()
+    example = next(batches)
+    batches.load_state_dict(peek_state)
+    accum = accumulation_steps(cfg, example["input_ids"].numel(), accelerator.num_processes)
+    tokens_per_step = example["input_ids"].numel() * accum * accelerator.num_processes
+    # Data of known size (SFT, LoRA) says how many steps a pass over it takes; a streamed corpus cannot.
+    epoch = data.steps_per_epoch(accelerator.num_processes, accum) if hasattr(data, "steps_per_epoch") else None
+    total_steps = run_length(cfg, tokens_per_step, epoch)
+    # Read before anything is built or written, so that an empty or broken validation split stops the
+    # run at once, not at its first evaluation.
+    eval_set = data.eval_batches(accelerator.process_index, accelerator.num_processes)
+    model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, total_steps)
+    # start_run seeded every process alike, so the recipe built the same initial weights (and LoRA
+    # adapters) everywhere: DDP broadcasts rank 0's anyway, but FSDP2 keeps each process's own shard.
+    # From here the RNG draws dropout masks, which must differ between processes, or every process drops
+    # the same units of its batch. A resumed run then restores each process's own RNG state.
+    set_seed(cfg.seed, device_specific=True)
+    guard = FiniteGuard(model, accelerator)
+
+    progress = {"step": 0, "tokens": 0}
+    if resume_from:
+        progress = load_checkpoint(accelerator, resume_from, batches)
+        accelerator.print(f"resumed from {resume_from} at step {progress['step']}"
+                          + (f" (changed: {', '.join(changes)})" if changes else ""))
+        if progress["step"] > total_steps:
+            raise UserError(f"{resume_from} is past this run's {total_steps} steps; resume with a longer "
+                            "--max_steps or --max_tokens")
+    elif cfg.resume:
+        accelerator.print(f"no checkpoint in {out / CHECKPOINTS}: starting from scratch")
+
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
+    metrics.truncate_after(progress["step"])  # rows a killed run wrote past its last checkpoint
+    run = Run(cfg, accelerator, out, tokenizer, model, forward, optimizer, scheduler, batches, eval_set, guard,
+              metrics, token_byte_lengths(tokenizer, accelerator.unwrap_model(model).config.vocab_size), accum,
+              tokens_per_step, total_steps, cfg.eval_every or (max(1, round(epoch)) if epoch else 0), progress)
+    if progress["step"] < total_steps:  # a finished run, resumed, changes nothing
+        if main and not resume_from:  # a resumed run keeps the config it was started with
+            save_config(cfg, out / "config.yaml")
+        if cfg.report_to:
+            accelerator.init_trackers(out.name, config={k: v for k, v in asdict(cfg).items()
+                                                        if not isinstance(v, list)})
+        accelerator.print(f"training {total_steps} steps x {tokens_per_step:,} tokens "
+                          f"(micro-batch {example['input_ids'].shape[0]} x {example['input_ids'].shape[1]}, "
+                          f"accumulation {accum}, processes {accelerator.num_processes})")
+    return run
+
+
+def run_length(cfg, tokens_per_step: int, steps_per_epoch: float | None) -> int:
+    """Optimizer steps of the run: max_steps; else max_tokens / tokens per step; else epochs x the steps of a
+    pass over the data, for data of known size."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    if cfg.max_tokens:
+        steps = cfg.max_tokens // tokens_per_step
+    elif cfg.epochs and not steps_per_epoch:
+        raise UserError("epochs needs data of known size (SFT, LoRA); a streamed corpus takes max_steps or max_tokens")
+    else:  # round(): 3 x (7 / 3) must give 7 steps, not 8
+        steps = math.ceil(round(cfg.epochs * (steps_per_epoch or 0), 6))
+    if steps <= 0:
+        raise UserError("set max_steps, max_tokens or epochs to a positive number")
+    return steps
+
+
+def check_finite(run: Run) -> None:
+    """Stops the run, in one line, if a step since the last check was not finite (FiniteGuard; a host sync)."""
+    error = run.guard.failure(run.accumulation, run.output_dir)
+    if error:
+        raise UserError(error)
+
+
+def evaluate_and_log(run: Run, step: int, tokens: int) -> None:
+    """Validation loss, perplexity and bits per byte (and the samples of cfg.sample_prompts) at `step`, into
+    metrics.jsonl, the trackers and the console."""
+    cfg, accelerator = run.cfg, run.accelerator
+    check_finite(run)
+    began = time.perf_counter()
+    model = accelerator.unwrap_model(run.model)
+    run.last_eval = evaluate(model, run.eval_set, run.byte_lengths, cfg.attn_implementation, accelerator)
+    row = {"step": step, "tokens": tokens, **run.last_eval}
+    if cfg.sample_prompts and accelerator.is_main_process:
+        row["samples"] = generate(model, run.tokenizer, cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens,
+                                  seed=cfg.seed, **SAMPLED)
+    run.metrics.write(row)
+    accelerator.log(run.last_eval, step=step)
+    if accelerator.is_main_process and run.last_eval:
+        tqdm.write(f"step {step}: val_loss {run.last_eval['val_loss']:.4f}  ppl {run.last_eval['val_ppl']:.2f}  "
+                   f"bpb {run.last_eval['val_bpb']:.4f}")
+        for prompt, text in zip(cfg.sample_prompts, row.get("samples", [])):
+            tqdm.write(f"  {prompt!r} -> {text!r}")
+    run.eval_seconds += time.perf_counter() - began
+
+
+def checkpoint(run: Run, progress: dict) -> Path:
+    """save_checkpoint() with `progress`, once the steps before it are known to be finite: nothing trained after
+    a non-finite step is ever saved."""
+    check_finite(run)
+    with unwritable_as_error(f"checkpoint step {progress['step']}", run.output_dir):
+        return save_checkpoint(run.accelerator, run.output_dir, progress, run.batches, run.cfg.keep_checkpoints)
+
+
+def finish(run: Run, progress: dict, started: float, stopped: bool, final_name: str, info: dict) -> RunResult:
+    """The end of a run at `progress`: unless stopped by a signal, a last evaluation and <final_name>/; then
+    summary.json and loss.png; then, last, the checkpoint whose presence at the last step says all of those
+    are complete."""
+    out, accelerator, step, tokens = run.output_dir, run.accelerator, progress["step"], progress["tokens"]
     if not stopped:
-        # Last, so that a checkpoint at the last step means final/ and summary.json are complete.
-        with unwritable_as_error(f"checkpoint step {step}", out):
-            save_checkpoint(accelerator, out, progress_now(), batches, cfg.keep_checkpoints)
+        evaluate_and_log(run, step, tokens)
+        with unwritable_as_error(f"{final_name}/", out):
+            save_final(accelerator, run.model, run.tokenizer, out / final_name)
+    wall = time.perf_counter() - started
+    if accelerator.is_main_process:
+        summary = run_summary(run.cfg, accelerator, {"steps": step, "tokens": tokens, "wall_time_s": wall,
+                                                     "eval_time_s": run.eval_seconds,
+                                                     "tokens_per_step": run.tokens_per_step, "eval": run.last_eval},
+                              info)
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+        run.metrics.plot(out / "loss.png")
+    if not stopped:
+        checkpoint(run, progress)
     accelerator.end_training()
-    return RunResult(out, out / final_name, step, tokens, last_eval, stopped)
+    return RunResult(out, out / final_name, step, tokens, run.last_eval, stopped)
 
 
 def _agreed(flag: bool, accelerator, may_sync: bool) -> bool:

@@ -28,7 +28,7 @@ from datasets.distributed import split_dataset_by_node
 
 from .config import TrainConfig, UserError
 from .data import PackedBatches, positions_from_eos, process_share
-from .engine import accumulation_steps, evaluate, start_run, train
+from .engine import accumulation_steps, evaluate, run_length, start_run, train
 from .files import atomic_folder
 from .generation import SAMPLED, generate, generate_ids
 from .hub import mark_personal
@@ -267,6 +267,11 @@ class WritingData:
                                 seed=self.cfg.seed + process_index)
         return batches if self.trigger_id is None else _TriggerNotPredicted(batches, self.trigger_id)
 
+    def steps_per_epoch(self, num_processes: int, accumulation: int) -> float:
+        """Optimizer steps of one pass over the training documents, for --epochs."""
+        tokens_per_step = self.cfg.micro_batch_size * self.cfg.block_size * accumulation * num_processes
+        return sum(map(len, self.train_documents)) / tokens_per_step
+
     def heldout(self, with_trigger: bool) -> list[dict]:
         return heldout_batches(self.cfg, self.heldout_ids, self.eos, self.trigger_id if with_trigger else None)
 
@@ -339,18 +344,6 @@ def save_merged(peft_model, tokenizer, folder: Path) -> None:
 # Measuring base against adapted
 
 
-class _ThisProcess:
-    """What evaluate() needs of an Accelerator, for measurements the main process makes alone: over all
-    the text, before training and after train() has closed the processes' group."""
-
-    def __init__(self, device):
-        self.device = device
-
-    @staticmethod
-    def reduce(tensor, reduction):
-        return tensor
-
-
 class Meter:
     """Perplexity and samples of one model, measured the same way before and after training."""
 
@@ -361,8 +354,7 @@ class Meter:
     def perplexity(self, model, batches: list[dict]) -> float:
         model.to(self.accelerator.device)
         with self.accelerator.autocast():  # the precision training evaluated in, for both models
-            result = evaluate(model, batches, self.byte_lengths, _ThisProcess(self.accelerator.device),
-                              self.cfg.attn_implementation)
+            result = evaluate(model, batches, self.byte_lengths, self.cfg.attn_implementation)
         return result["val_ppl"]
 
     def pack(self, documents: list[list[int]]) -> list[dict]:
@@ -419,22 +411,20 @@ def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def plan_steps(cfg: LoraRunConfig, counts: dict, num_processes: int) -> str:
-    """Set max_steps from --epochs when no length is given, refusing more than MAX_EPOCH_STEPS; returns the
-    one line that says what the run will cost."""
+    """The one line that says what the run will cost, before it starts; more than MAX_EPOCH_STEPS steps from
+    --epochs is refused."""
     per_micro = cfg.micro_batch_size * cfg.block_size
     per_step = per_micro * accumulation_steps(cfg, per_micro, num_processes) * num_processes
     # A pass over the training documents: each one after its EOS (and the trigger), as WritingData lays them out.
     epoch = counts["train_tokens"] + counts["train_documents"] * (2 if cfg.trigger_token else 1)
+    steps = run_length(cfg, per_step, epoch / per_step)  # as the engine will count them
     if cfg.max_steps or cfg.max_tokens:
-        steps = cfg.max_steps or cfg.max_tokens // per_step  # as the engine counts them
         length = f"--max_steps {cfg.max_steps}" if cfg.max_steps else f"--max_tokens {cfg.max_tokens:,}"
     else:
-        steps = max(1, math.ceil(cfg.epochs * epoch / per_step))
         if steps > MAX_EPOCH_STEPS:
             raise UserError(f"{cfg.epochs:g} epochs of {counts['train_tokens']:,} tokens take {steps:,} steps of "
                             f"{per_step:,} tokens, more than the {MAX_EPOCH_STEPS:,} --epochs may set: pass "
                             "--max_steps to train that long on purpose, or train on less writing")
-        cfg.max_steps = steps
         length = f"{cfg.epochs:g} epochs"
     return (f"cost: {counts['train_documents']} documents to train on ({counts['train_tokens']:,} tokens), "
             f"{counts['heldout_documents']} held out ({counts['heldout_tokens']:,} tokens); {length}: "

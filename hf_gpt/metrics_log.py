@@ -32,6 +32,11 @@ class MetricsLog:
                     raise UserError(f"{self.path} line {i + 1} is not JSON: the file was edited or damaged") from None
         return rows
 
+    def last_eval(self) -> dict:
+        """The val_* figures of the last evaluation row ({} when there is none)."""
+        return next(({k: v for k, v in r.items() if k.startswith("val_")}
+                     for r in reversed(self.rows()) if "val_loss" in r), {})
+
     def truncate_after(self, step: int) -> None:
         """Drop rows past `step`: a resumed run writes them again, so the log matches an uninterrupted run."""
         if self.enabled and self.path.exists():

@@ -253,7 +253,7 @@ def resolve_chat_template(name: str) -> str:
     return template
 
 
-def prepare_tokenizer(tokenizer, template: str):
+def with_chat_template(tokenizer, template: str):
     """The chat template that training, evaluation and the saved final/ folder share, and a pad token
     (GPT-2 has none; padded positions carry no loss and no attention, so the end-of-text id serves)."""
     tokenizer.chat_template = template

@@ -26,14 +26,16 @@ def train_bpe(texts, vocab_size: int, max_documents: int) -> GPT2TokenizerFast:
     return GPT2TokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)
 
 
-def prepare_tokenizer(cfg, accelerator, documents) -> PreTrainedTokenizerBase:
-    """The run's tokenizer, saved in `<output_dir>/tokenizer` (a resumed run reuses it, never retrains)."""
+def run_tokenizer(cfg, accelerator, data) -> PreTrainedTokenizerBase:
+    """A pretraining run's tokenizer: the one `data` names (cfg.tokenizer, or token shards' own), or with 'train'
+    a byte-level BPE trained on data's training documents; saved in `<output_dir>/tokenizer` (a resumed run
+    reuses it, never retrains)."""
     saved = Path(cfg.output_dir) / "tokenizer"
-    if cfg.tokenizer != "train":
-        tokenizer = load_tokenizer(cfg.tokenizer)
+    if data.tokenizer_name != "train":
+        tokenizer = load_tokenizer(data.tokenizer_name)
     else:
         if accelerator.is_main_process and not (saved / "tokenizer.json").exists():
-            train_bpe(documents(), cfg.tokenizer_vocab_size, cfg.tokenizer_train_documents).save_pretrained(saved)
+            train_bpe(data.texts(), cfg.tokenizer_vocab_size, cfg.tokenizer_train_documents).save_pretrained(saved)
         accelerator.wait_for_everyone()
         tokenizer = load_tokenizer(str(saved))
     if accelerator.is_main_process:

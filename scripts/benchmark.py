@@ -68,7 +68,9 @@ def data_source(cfg):
     from hf_gpt.data import PretrainData
     from hf_gpt.loading import load_tokenizer
 
-    return PretrainData(cfg, load_tokenizer(cfg.tokenizer))
+    data = PretrainData(cfg, tokenizer=None)
+    data.tokenizer = load_tokenizer(data.tokenizer_name)
+    return data
 
 
 def benchmark_loader(cfg) -> dict:

@@ -14,7 +14,7 @@ from hf_gpt.config import PretrainConfig, load_config, run_cli  # noqa: E402
 from hf_gpt.data import PretrainData  # noqa: E402
 from hf_gpt.engine import start_run, train  # noqa: E402
 from hf_gpt.model import build_model  # noqa: E402
-from hf_gpt.tokenizer import prepare_tokenizer  # noqa: E402
+from hf_gpt.tokenizer import run_tokenizer  # noqa: E402
 
 
 def check_hub_login(repo_id: str) -> None:
@@ -31,7 +31,7 @@ def main():
         check_hub_login(cfg.push_to_hub)
     accelerator = start_run(cfg)
     data = PretrainData(cfg, tokenizer=None)
-    data.tokenizer = prepare_tokenizer(cfg, accelerator, data.texts)
+    data.tokenizer = run_tokenizer(cfg, accelerator, data)
     model = build_model(cfg, len(data.tokenizer), data.tokenizer.eos_token_id)
     accelerator.print(f"model: {model.num_parameters():,} parameters")
     result = train(cfg, model, data.tokenizer, data, accelerator,

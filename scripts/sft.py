@@ -9,7 +9,6 @@ an LLM judge's 0-100 score when --judge_url and --judge_model name an OpenAI-com
 --base_replies test prompts also get the base model's reply (base_response), before beside after.
 """
 
-import math
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from hf_gpt.config import load_config, run_cli  # noqa: E402
 from hf_gpt.engine import start_run, train  # noqa: E402
 from hf_gpt.loading import context_length, load_model  # noqa: E402
 from hf_gpt.sft import (SFTConfig, SFTData, add_base_replies, add_to_summary, answer_test_split,  # noqa: E402
-                        check_config, prepare_tokenizer, resolve_chat_template)
+                        check_config, resolve_chat_template, with_chat_template)
 
 
 def main():
@@ -29,16 +28,12 @@ def main():
     accelerator = start_run(cfg)
     model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation, resid_pdrop=cfg.dropout,
                                   embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
-    tokenizer = prepare_tokenizer(tokenizer, template)
+    tokenizer = with_chat_template(tokenizer, template)
     # final/ carries these, so that `pipeline("text-generation")` writes a whole reply and pads without a warning.
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.max_new_tokens = cfg.max_new_tokens
     data = SFTData(cfg, tokenizer, context_length(model))
     accelerator.print(data.summary())
-    # An epoch is a number of optimizer steps only once the data is known: set both here.
-    steps_per_epoch = data.steps_per_epoch(accelerator.num_processes, cfg.gradient_accumulation_steps or 1)
-    cfg.max_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    cfg.eval_every = cfg.eval_every or steps_per_epoch
     result = train(cfg, model, tokenizer, data, accelerator,
                    info={"recipe": "sft", "base_model": cfg.model, "datasets": [cfg.dataset], "data": data.counts})
     if result.stopped_early or not accelerator.is_main_process:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from conftest import ROOT, run_script
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
-from hf_gpt.engine import RunResult, checkpoint_dirs, save_checkpoint, save_final, start_run, train
+from hf_gpt.engine import RunResult, checkpoint_dirs, run_length, save_checkpoint, save_final, start_run, train
 from hf_gpt.files import recover_folders
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.metrics_log import MetricsLog
@@ -313,6 +313,20 @@ def test_accumulation_equals_one_large_batch(tiny_args, tmp_path, wrapper):
     assert any(not torch.allclose(big[n], initial[n]) for n in big)  # training moved the weights
     for name in big:
         torch.testing.assert_close(small[name] - initial[name], big[name] - initial[name], atol=1e-6, rtol=1e-4)
+
+
+def test_the_run_length_is_max_steps_else_max_tokens_else_epochs():
+    from dataclasses import replace
+
+    cfg = PretrainConfig(max_steps=0, max_tokens=0, epochs=3)
+    assert run_length(cfg, 256, 7 / 3) == 7  # 3 passes of 7/3 steps: 7, not 8 by a rounding error
+    assert run_length(replace(cfg, epochs=0.5), 256, 3) == 2
+    assert run_length(replace(cfg, max_tokens=2600), 256, 7 / 3) == 10
+    assert run_length(replace(cfg, max_steps=5, max_tokens=2600), 256, None) == 5
+    with pytest.raises(UserError, match="epochs needs data of known size"):
+        run_length(cfg, 256, None)  # a streamed corpus
+    with pytest.raises(UserError, match="set max_steps, max_tokens or epochs"):
+        run_length(replace(cfg, epochs=0), 256, 3)
 
 
 def test_an_existing_run_is_never_overwritten(straight_run):

@@ -17,8 +17,8 @@ from conftest import ROOT, run_script
 from hf_gpt import lora
 from hf_gpt.config import UserError, load_config, run_cli
 from hf_gpt.engine import evaluate
-from hf_gpt.lora import (LoraRunConfig, WritingData, pack_documents, read_writing, run_lora, split_documents,
-                         _ThisProcess, as_documents)
+from hf_gpt.lora import (LoraRunConfig, WritingData, as_documents, pack_documents, read_writing, run_lora,
+                         split_documents)
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.tokenizer import token_byte_lengths
 
@@ -174,7 +174,7 @@ def test_report_measures_base_against_adapted(trigger_run, tokenizer_dir):
     batches = pack_documents(as_documents(ids, tokenizer.eos_token_id), block_size=64,
                              micro_batch_size=cfg.micro_batch_size, eos=tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_pretrained(base)
-    expected = evaluate(model, batches, token_byte_lengths(tokenizer, 576), _ThisProcess(torch.device("cpu")), "sdpa")
+    expected = evaluate(model, batches, token_byte_lengths(tokenizer, 576), "sdpa")
     assert h["base"] == pytest.approx(expected["val_ppl"], rel=1e-6)
     # Before training: what the run will cost, in one line (20 steps of 4 x 64 tokens; each document after
     # its EOS and the trigger).

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
 from conftest import ROOT, run_script
@@ -16,8 +17,8 @@ from hf_gpt.generation import chat_prompt_ids, generate
 from hf_gpt.loading import load_model, load_tokenizer
 from hf_gpt.model import causal_lm_loss
 from hf_gpt.sft import (ALPACA_TEMPLATE, JUDGE_PROMPT, SFTConfig, SFTData, check_config, collate, encode_chat,
-                        judge_score, pack, prepare_tokenizer, read_records, resolve_chat_template, rouge_l,
-                        split_records, to_messages)
+                        judge_score, pack, read_records, resolve_chat_template, rouge_l, split_records, to_messages,
+                        with_chat_template)
 
 RECORDS = ROOT / "tests" / "data" / "instructions.json"
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -46,7 +47,7 @@ def base_model(tokenizer_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(base_model):
-    return prepare_tokenizer(load_tokenizer(str(base_model)), ALPACA_TEMPLATE)
+    return with_chat_template(load_tokenizer(str(base_model)), ALPACA_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +432,9 @@ def test_sft_script_end_to_end(base_model, tmp_path, judge):
     assert ["base_response" in r for r in replies] == [True] * 4  # base_replies 5 > 4 test records
     assert len(server.requests) == 4
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["recipe"] == "sft" and summary["eval"]["val_loss"] > 0
+    assert summary["recipe"] == "sft" and summary["eval"]["val_loss"] > 0 and summary["steps"] == 12
+    saved = yaml.safe_load((out / "config.yaml").read_text())  # as given: the length came from epochs, not from it
+    assert saved["max_steps"] == 0 and saved["eval_every"] == 0 and saved["epochs"] == 2
     assert summary["test"]["judge_score"] == 90 and summary["test"]["test_records"] == 4
     assert summary["test"]["rougeL"] == pytest.approx(sum(r["rougeL"] for r in replies) / 4)
 
