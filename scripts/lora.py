@@ -15,7 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
 from hf_gpt.config import load_config, run_cli  # noqa: E402
-from hf_gpt.lora import SAMPLES_FILE, LoraRunConfig, run_lora  # noqa: E402
+from hf_gpt.lora import LoraRunConfig  # noqa: E402
+from hf_gpt.lora_report import SAMPLES_FILE  # noqa: E402
+from hf_gpt.recipes import run_lora  # noqa: E402
 
 
 def main():

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
 from hf_gpt.config import ScriptParser, UserError, run_cli  # noqa: E402
-from hf_gpt.sft import add_to_summary, score_rows, write_jsonl  # noqa: E402
+from hf_gpt.scoring import add_to_summary, score_rows, write_jsonl  # noqa: E402
 
 
 def main():

@@ -17,10 +17,11 @@ from conftest import ROOT, run_script
 from hf_gpt import lora
 from hf_gpt.config import UserError, load_config, run_cli
 from hf_gpt.engine import evaluate
-from hf_gpt.lora import (LoraRunConfig, WritingData, as_documents, pack_documents, read_writing, run_lora,
-                         split_documents)
 from hf_gpt.loading import load_tokenizer
+from hf_gpt.lora import LoraRunConfig, WritingData, as_documents, pack_documents
+from hf_gpt.recipes import run_lora
 from hf_gpt.tokenizer import token_byte_lengths
+from hf_gpt.writing import read_writing, split_documents
 
 WRITING = ROOT / "tests" / "data" / "writing"
 NOTES = sorted(p for p in WRITING.rglob("*") if p.suffix in (".txt", ".md") and p.name not in (
@@ -279,7 +280,7 @@ def refusal(cfg: LoraRunConfig, capsys) -> str:
 ], ids=["long file", "long paragraph", "too much writing"])
 def test_oversized_writing_is_refused_before_anything_is_made(tmp_path, tokenizer_dir, monkeypatch, capsys,
                                                               limit, value, extra, message):
-    monkeypatch.setattr(lora, limit, value)
+    monkeypatch.setattr(f"hf_gpt.writing.{limit}", value)
     writing = tmp_path / "writing"
     writing.mkdir()
     (writing / "a-note.txt").write_text("A short note about the tide.\n\nAnother paragraph.")

@@ -16,9 +16,9 @@ from hf_gpt.engine import model_inputs, target_count
 from hf_gpt.generation import chat_prompt_ids, generate
 from hf_gpt.loading import load_model, load_tokenizer
 from hf_gpt.model import causal_lm_loss
-from hf_gpt.sft import (ALPACA_TEMPLATE, JUDGE_PROMPT, SFTConfig, SFTData, check_config, collate, encode_chat,
-                        judge_score, pack, read_records, resolve_chat_template, rouge_l, split_records, to_messages,
-                        with_chat_template)
+from hf_gpt.scoring import JUDGE_PROMPT, judge_score, rouge_l
+from hf_gpt.sft import (ALPACA_TEMPLATE, SFTConfig, SFTData, check_config, collate, encode_chat, pack, read_records,
+                        resolve_chat_template, split_records, to_messages, with_chat_template)
 
 RECORDS = ROOT / "tests" / "data" / "instructions.json"
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
