@@ -40,7 +40,7 @@ BENCHMARKS = {
                            (("activity_label", "ctx_a", "ctx_b", "endings", "label"),
                             ("activity_label", "ctx", "endings", "label")), "--hellaswag"),
     "lambada": Benchmark("LAMBADA", "EleutherAI/lambada_openai", "default", "test", (("text",),), "--lambada"),
-    "wikitext": Benchmark("WikiText", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test",
+    "wikitext": Benchmark("WikiText-2", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test",
                           (("page",),), "--wikitext"),
 }
 
