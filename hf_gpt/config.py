@@ -20,6 +20,8 @@ import yaml
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
+from .files import atomic_write
+
 
 class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2, no traceback."""
@@ -219,8 +221,6 @@ def load_config(cls, argv: list[str] | None = None, description: str | None = No
 
 
 def save_config(cfg, path: str | Path) -> None:
-    from .files import atomic_write
-
     atomic_write(Path(path), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 

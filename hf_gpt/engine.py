@@ -3,7 +3,12 @@
 A recipe hands `train()` a model (plain or PEFT), its tokenizer and a data object with two methods:
 
     train_batches(process_index, num_processes) -> iterator of batch dicts with state_dict()/load_state_dict()
-    eval_batches(process_index, num_processes)  -> list of batch dicts (this process's share of a fixed set)
+    eval_batches(process_index, num_processes)  -> list of batch dicts (this process's share of a fixed set,
+                                                   cfg.eval_batches of them at most; hf_gpt.data.process_share)
+
+and, for data of known size, a third that gives --epochs and eval_every 0 their meaning:
+
+    steps_per_epoch(num_processes, accumulation) -> optimizer steps of one pass over the training data
 
 A batch holds `input_ids` and `labels` (-100 where no loss), and optionally `position_ids` (packed
 documents: positions restart at 0 per document, and attention is kept inside each document).

@@ -1,6 +1,6 @@
 """Check that scripts/compare.py gives the numbers EleutherAI's lm-evaluation-harness gives, offline, on a CPU.
 
-    python -m venv --system-site-packages /tmp/lmeval && /tmp/lmeval/bin/pip install lm-eval
+    python -m venv --system-site-packages /tmp/lmeval && /tmp/lmeval/bin/pip install "lm-eval>=0.4.13"
     /tmp/lmeval/bin/python scripts/crosscheck_lm_eval.py                       # ~2 minutes on 2 cores
     /tmp/lmeval/bin/python scripts/crosscheck_lm_eval.py --tokenizer DIR       # e.g. GPT-2's own BPE
 
@@ -17,7 +17,7 @@ Then it scores both models twice: with lm-eval's own task configs (hellaswag, la
 wikitext; `include`d and pointed at the local files) and with scripts/compare.py, and compares
 (1) every request: the context/continuation strings must be identical and the log-likelihoods equal
 to within --atol, and (2) every reported figure, to within --rtol. Exit status 1 if anything disagrees.
-lm-eval is only needed here, never by hf_gpt itself.
+lm-eval is only needed here (requirements-optional.txt), never by hf_gpt itself.
 """
 
 import json
