@@ -135,7 +135,13 @@ def read_yaml(path: str | Path, cls) -> dict:
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows a script's docstring as written (its usage examples one per line) and every default."""
+    """--help shows a script's docstring as written (its usage examples one per line) and the defaults that
+    say something (not None, empty or False, nor one the help text names itself)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class ScriptParser(argparse.ArgumentParser):

@@ -183,7 +183,7 @@ def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, attn_implem
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = accelerator.device if accelerator else next(model.parameters()).device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, targets, bytes
     byte_lengths = byte_lengths.to(device)
     mask_kind = "eager" if attn_implementation == "eager" else "sdpa"

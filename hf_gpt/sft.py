@@ -64,6 +64,7 @@ ALPACA_TEMPLATE = """\
     {{- '\\n\\n### Response:\\n' -}}
 {%- endif -%}"""
 
+
 @dataclass
 class SFTConfig(TrainConfig):
     """Instruction tuning of a GPT-2 (ours or OpenAI's). The defaults are the article's: AdamW at 5e-5 with
