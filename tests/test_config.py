@@ -157,7 +157,8 @@ def test_help_keeps_the_usage_examples_one_per_line():
 def test_old_script_flags_are_refused_with_the_new_one():
     from conftest import run_script
 
-    result = run_script("scripts/compare.py", "some/model", "--max-new-tokens", "3", "--out", "x", check=False)
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == "error: --max-new-tokens is spelt --max_new_tokens"
-    result = run_script("scripts/prepare_data.py", "--out", "x", check=False)
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == "error: --out is now called --output_dir"
+    for args, error in [(["scripts/compare.py", "some/model", "--max-new-tokens", "3", "--out", "x"],
+                         "error: --max-new-tokens is spelt --max_new_tokens"),
+                        (["scripts/prepare_data.py", "--out", "x"], "error: --out is now called --output_dir")]:
+        result = run_script(*args, check=False)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == error
