@@ -40,7 +40,7 @@ BENCHMARKS = {
                            (("activity_label", "ctx_a", "ctx_b", "endings", "label"),
                             ("activity_label", "ctx", "endings", "label")), "--hellaswag"),
     "lambada": Benchmark("LAMBADA", "EleutherAI/lambada_openai", "default", "test", (("text",),), "--lambada"),
-    "wikitext": Benchmark("WikiText", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test",
+    "wikitext": Benchmark("WikiText-2", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test",
                           (("page",),), "--wikitext"),
 }
 
@@ -110,7 +110,7 @@ def text_documents(name: str, *, config: str = "", split: str = "train", column:
     try:
         stream = source.load()
     except UserError as e:
-        raise UserError(f"{e}; pass a local text file with --text FILE") from None
+        raise UserError(f"{e}; pass a local text file with --dataset FILE") from None
     documents = []
     try:
         with tqdm(total=limit, desc="held-out documents", leave=False) as bar:
@@ -118,7 +118,7 @@ def text_documents(name: str, *, config: str = "", split: str = "train", column:
                 text = example.get(column)
                 if text is None:
                     raise UserError(f"dataset {name} has no column '{column}' (it has: {', '.join(example)}); "
-                                    "set --text-column")
+                                    "set --text_column")
                 if text.strip() and (holdout <= 0 or in_holdout(text, holdout)):
                     documents.append(text)
                     bar.update()

@@ -8,6 +8,7 @@ import json
 import math
 import platform
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +18,9 @@ import torch
 from . import __version__
 from .benchmarks import BENCHMARKS, DEFAULT_TEXT, RUNNERS, load_benchmark, text_documents
 from .config import UserError
-from .evaluation import context_length, generate, heldout_loss, load_model
+from .evaluation import heldout_loss
+from .generation import generate_ids
+from .loading import context_length, load_model
 
 # (key in results.json, label, higher is better), in the order of the table.
 METRICS = [
@@ -69,23 +72,23 @@ def resolve_tasks(tasks: str, files: dict[str, str | None]) -> list[str]:
     return [t for t in TASKS if t in chosen]
 
 
-def prepare_data(tasks: list[str], *, files: dict[str, str | None], limit: int | None, text_config: str = "",
-                 text_split: str = "train", text_column: str = "text", text_holdout: float | None = None,
-                 text_docs: int = 100, prompts: list[str] | None = None, max_new_tokens: int = 40) -> CompareData:
+def prepare_data(tasks: list[str], *, files: dict[str, str | None], limit: int | None, dataset_config: str = "",
+                 dataset_split: str = "train", text_column: str = "text", val_fraction: float | None = None,
+                 max_documents: int = 100, prompts: list[str] | None = None, max_new_tokens: int = 40) -> CompareData:
     """Load every task's data before the first model, so a missing dataset fails in seconds, not after an hour.
 
     Held-out text: `files["text"]` (a file, folder or Hub id), or FineWeb-Edu's documents held out by
-    configs/gpt2-small.yaml; `text_holdout` None means 0 for the former and that recipe's fraction for the latter.
+    configs/gpt2-small.yaml; `val_fraction` None means 0 for the former and that recipe's for the latter.
     """
     data = CompareData(max_new_tokens=max_new_tokens)
     described: dict[str, dict] = {}
     if "text" in tasks:
         if files.get("text"):
-            source = {"name": files["text"], "config": text_config, "split": text_split,
-                      "holdout": text_holdout or 0.0}
+            source = {"name": files["text"], "config": dataset_config, "split": dataset_split,
+                      "holdout": val_fraction or 0.0}
         else:
-            source = {**DEFAULT_TEXT, **({"holdout": text_holdout} if text_holdout is not None else {})}
-        count = min(text_docs, limit) if limit else text_docs
+            source = {**DEFAULT_TEXT, **({"holdout": val_fraction} if val_fraction is not None else {})}
+        count = min(max_documents, limit) if limit else max_documents
         data.texts = text_documents(source["name"], config=source["config"], split=source["split"],
                                     column=text_column, holdout=source["holdout"], limit=count)
         where = ({"file": source["name"]} if Path(source["name"]).exists() else
@@ -112,8 +115,8 @@ def evaluate_model(name: str, data: CompareData, *, device: str, dtype: torch.dt
         metrics.update(RUNNERS[task](model, tokenizer, docs, batch_size=batch_size, desc=f"{name}: {task}"))
     continuations: list[str] = []
     if data.prompts:
-        continuations, metrics["tokens_per_s_generate"] = generate(model, tokenizer, data.prompts,
-                                                                  max_new_tokens=data.max_new_tokens)
+        continuations, metrics["tokens_per_s_generate"] = samples_and_speed(model, tokenizer, data.prompts,
+                                                                           max_new_tokens=data.max_new_tokens)
     peft_config = getattr(model, "peft_config", None)
     info = {"kind": f"PEFT adapter on {peft_config['default'].base_model_name_or_path}" if peft_config
             else ("local folder" if Path(name).is_dir() else "Hub model"),
@@ -124,6 +127,20 @@ def evaluate_model(name: str, data: CompareData, *, device: str, dtype: torch.dt
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return metrics, info, continuations
+
+
+def samples_and_speed(model, tokenizer, prompts: list[str], *, max_new_tokens: int) -> tuple[list[str], float]:
+    """Greedy continuations of each prompt (deterministic, so models are compared on the same footing) and
+    the generation speed in new tokens per second, one prompt at a time with the KV cache."""
+    generate_ids(model, tokenizer, prompts[:1], max_new_tokens=4)  # warm-up: kernels and caches outside the timing
+    texts, new_tokens, seconds = [], 0, 0.0
+    for prompt in prompts:
+        start = time.perf_counter()
+        [ids] = generate_ids(model, tokenizer, [prompt], max_new_tokens=max_new_tokens)  # a list: the GPU is done
+        seconds += time.perf_counter() - start
+        new_tokens += len(ids)
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts, new_tokens / seconds
 
 
 def versions() -> dict:

@@ -7,15 +7,20 @@ so `--help` lists every field with its help text.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 from tqdm import tqdm
 from transformers import HfArgumentParser
+
+from .files import atomic_write
 
 
 class UserError(Exception):
@@ -27,6 +32,18 @@ def first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+@contextlib.contextmanager
+def could_not_load(what: str, name: str, where: str = ""):
+    """Any failure inside as one line, "<what> '<name>' could not be loaded<where>: Type: first line": loaders
+    raise many kinds (offline, 404, gated, no such split, broken weights), and each is news of one line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{what} '{name}' could not be loaded{where}: {first_line(e)}") from None
+
+
 @dataclass
 class TrainConfig:
     """Fields of the shared training loop (hf_gpt.engine); every recipe has them."""
@@ -35,9 +52,12 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its latest checkpoint."})
     seed: int = 1337
 
-    # Length of the run: max_steps wins; otherwise max_tokens / tokens per step.
+    # Length of the run: max_steps wins; then max_tokens / tokens per step; then epochs.
     max_steps: int = 0
     max_tokens: int = 0
+    epochs: float = field(default=0.0, metadata={
+        "help": "Passes over the training data, when max_steps and max_tokens are 0 (SFT, LoRA: a streamed corpus "
+                "has no known length)."})
 
     # Batch: tokens per optimizer step = micro_batch_size x block_size x accumulation x processes.
     micro_batch_size: int = 8
@@ -76,14 +96,23 @@ class TrainConfig:
         default=False, metadata={"help": "GPU: Liger's fused linear + cross-entropy, logits never materialised."})
 
     # Evaluation, logging, checkpoints.
-    eval_every: int = 0
-    eval_batches: int = field(default=8, metadata={"help": "Micro-batches of validation per process; 0: the whole split."})
+    eval_every: int = field(default=0, metadata={
+        "help": "Steps between evaluations; 0: after every pass over the training data where its size is known "
+                "(SFT, LoRA), else only at the end, which always evaluates."})
+    eval_batches: int = field(default=8, metadata={
+        "help": "Validation micro-batches per process at each evaluation; 0: the whole validation split."})
     log_every: int = 10
     save_every: int = 0
     keep_checkpoints: int = 2
     report_to: str = field(default="", metadata={"help": "An Accelerate tracker, e.g. tensorboard or wandb."})
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_tokens: int = 48
+    sample_prompts: list[str] = field(default_factory=list, metadata={
+        "help": "Continued at every evaluation into metrics.jsonl (sampled: temperature 0.8, top-k 40, a fixed "
+                "seed); the flag alone empties the list."})
+    max_new_tokens: int = field(default=48, metadata={
+        "help": "New tokens of each generated text: the evaluation samples (and SFT's test replies)."})
+
+    # Names this project used before it had one vocabulary (old -> new): refused with the new name.
+    renamed: ClassVar[dict[str, str]] = {"sample_tokens": "max_new_tokens"}
 
 
 def field_names(cls) -> list[str]:
@@ -100,25 +129,77 @@ def read_yaml(path: str | Path, cls) -> dict:
         raise UserError(f"config {path}: not valid YAML ({e})".replace("\n", " ")) from None
     if not isinstance(values, dict):
         raise UserError(f"config {path}: expected a mapping of field: value")
+    for key in values:
+        if key in cls.renamed:
+            raise UserError(f"config {path}: {key} is now called {cls.renamed[key]}")
     unknown = sorted(set(values) - set(field_names(cls)))
     if unknown:
         raise UserError(f"config {path}: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
     return values
 
 
-class _Parser(HfArgumentParser):
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows a script's docstring as written (its usage examples one per line) and the defaults that
+    say something (not None, empty or False, nor one the help text names itself)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """The parser of every script: --help keeps the docstring's examples as written; a flag is never taken
+    for an abbreviation of another (argparse would read a retired --text as --text_column); a flag has one
+    spelling, with underscores (`--max-new-tokens` is refused with it), and a flag in `renamed` (old name ->
+    new name) is refused with its new name; an error is one line."""
+
+    def __init__(self, *args, renamed: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, formatter_class=_HelpFormatter, allow_abbrev=False, **kwargs)
+        self.renamed = renamed or {}
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        for arg in args:
+            name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+            if name in self.renamed:
+                raise UserError(f"--{name} is now called --{self.renamed[name]}")
+            if "-" in name and f"--{name.replace('-', '_')}" in self._option_string_actions:
+                raise UserError(f"--{name} is spelt --{name.replace('-', '_')}")
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
         # argparse prints the whole usage first (40 lines of fields for a recipe) and names each field twice.
         message = re.sub(r"(--\w+)/--[\w-]+", r"\1", message)
         self.exit(2, f"error: {message} (--help lists every field)\n")
 
 
+class _ConfigParser(ScriptParser, HfArgumentParser):
+    """A config dataclass's fields as flags. A list field takes zero values too, so that `--sample_prompts`
+    alone empties it (HfArgumentParser asks for one or more); a field a recipe gives another default keeps
+    the help text of the class that defines it."""
+
+    def __init__(self, cls, **kwargs):
+        super().__init__(cls, renamed=cls.renamed, **kwargs)
+        # A recipe that changes a shared field's default keeps its meaning: the help of the class that defines it.
+        helps = {f.name: f.metadata["help"] for klass in reversed(cls.__mro__) if dataclasses.is_dataclass(klass)
+                 for f in dataclasses.fields(klass) if f.metadata.get("help")}
+        for action in self._actions:
+            if action.nargs == "+":
+                action.nargs = "*"
+            if action.help is None:
+                action.help = helps.get(action.dest)
+            for alias in [o for o in action.option_strings if "-" in o[2:]]:  # HfArgumentParser's --max-new-tokens
+                action.option_strings.remove(alias)
+                del self._option_string_actions[alias]
+
+
 # Numbers that count something and must be at least 1; every other number of a config must not be negative
 # (0 means "off" or "derived" where it is allowed), and these are shares of something, at most 1.
 AT_LEAST_ONE = {"micro_batch_size", "log_every", "block_size", "n_layer", "n_head", "n_embd", "tokenizer_vocab_size",
                 "tokenizer_train_documents", "max_length", "generation_batch_size", "shard_tokens"}
-FRACTIONS = {"holdout_fraction", "val_fraction", "test_fraction", "warmup_ratio", "min_lr_ratio", "decay_ratio",
-             "dropout", "lora_dropout", "adam_beta1", "adam_beta2"}
+FRACTIONS = {"val_fraction", "test_fraction", "warmup_ratio", "min_lr_ratio", "decay_ratio", "dropout",
+             "lora_dropout", "adam_beta1", "adam_beta2"}
 
 
 ATTENTION = ("sdpa", "eager", "flex_attention", "varlen")
@@ -147,7 +228,7 @@ def check(cfg) -> None:
 def load_config(cls, argv: list[str] | None = None, description: str | None = None):
     """YAML recipe (``--config``) first, command-line overrides on top; returns a checked ``cls`` instance."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _Parser(cls, description=description)
+    parser = _ConfigParser(cls, description=description)
     parser.add_argument("--config", help="YAML recipe; any field can also be given on the command line.")
     known, _ = parser.parse_known_args(argv)  # only to find --config before full parsing
     if known.config:
@@ -160,7 +241,7 @@ def load_config(cls, argv: list[str] | None = None, description: str | None = No
 
 
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    atomic_write(Path(path), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def run_cli(main) -> None:
@@ -190,7 +271,7 @@ class PretrainConfig(TrainConfig):
     eval_split: str = field(default="", metadata={
         "help": "Validation split; empty: a local folder's validation files (validation.parquet, ...), else "
                 "documents held out by hash."})
-    holdout_fraction: float = field(default=0.01, metadata={"help": "Share of documents held out for validation."})
+    val_fraction: float = field(default=0.01, metadata={"help": "Share of documents held out (by hash) for validation."})
     data_encoding_errors: str = field(default="strict", metadata={"help": "Local text files: strict | replace | ignore."})
     block_size: int = 256
     document_masking: bool = field(default=True, metadata={"help": "Attention stays inside each packed document."})
@@ -216,3 +297,5 @@ class PretrainConfig(TrainConfig):
     save_every: int = 100
     sample_prompts: list[str] = field(default_factory=lambda: ["import os\n", "def ", "class "])
     push_to_hub: str = field(default="", metadata={"help": "Hub repo id to publish final/ to at the end."})
+
+    renamed: ClassVar[dict[str, str]] = {**TrainConfig.renamed, "holdout_fraction": "val_fraction"}

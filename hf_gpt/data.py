@@ -19,6 +19,7 @@ import json
 import random
 import sysconfig
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ from datasets import IterableDataset, load_dataset
 from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 from datasets.distributed import split_dataset_by_node
 
-from .config import UserError, first_line
+from .config import UserError, could_not_load
+from .files import atomic_folder
 
 STDLIB = "stdlib"
 LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -126,11 +128,9 @@ class DocumentSource:
             if split not in self.splits:
                 raise UserError(f"dataset {self.name} has no '{split}' split (it has: {', '.join(self.splits)})")
             kwargs = {**kwargs, "data_files": {split: self.splits[split]}}
-        try:
+        where = f" from the Hub (split {split})" if not self.files else " from local files"
+        with could_not_load("dataset", self.name, where):
             return load_dataset(*self.args, split=split, streaming=True, **kwargs)
-        except Exception as e:  # the Hub raises many kinds (offline, 404, gated, no split): one line each
-            where = f"from the Hub (split {split})" if not self.files else "from local files"
-            raise UserError(f"dataset '{self.name}' could not be loaded {where}: {first_line(e)}") from None
 
     def describe_error(self, error: Exception) -> UserError:
         if isinstance(error, UnicodeDecodeError):
@@ -272,10 +272,11 @@ class PackedBatches:
         self.rng.bit_generator.state = state["rng"]
 
 
-def process_share(batches: list[dict], process_index: int, num_processes: int) -> list[dict]:
-    """This process's share of a fixed list of batches (validation). Every process gets as many, the list
-    topped up with copies that carry no targets: sharded models (FSDP) run each forward on all processes."""
-    batches = list(batches)
+def process_share(batches: Iterable[dict], process_index: int, num_processes: int, eval_batches: int = 0) -> list[dict]:
+    """This process's share of a fixed set of batches (validation): eval_batches of them per process, of
+    the first eval_batches x num_processes (all when 0). Every process gets as many, the set topped up with
+    copies that carry no targets: sharded models (FSDP) run each forward on all processes."""
+    batches = list(itertools.islice(batches, eval_batches * num_processes or None))
     while batches and len(batches) % num_processes:
         batches.append({**batches[-1], "labels": torch.full_like(batches[-1]["labels"], -100)})
     return batches[process_index::num_processes]
@@ -310,15 +311,15 @@ class PretrainData:
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.shards = TokenShards(cfg.dataset) if TokenShards.is_shard_folder(cfg.dataset) else None
-        if self.shards and cfg.tokenizer == "train":
-            # Token shards are tokenized already: the tokenizer they were made with is the one that reads them.
-            cfg.tokenizer = str(self.shards.folder / "tokenizer")
+        # Token shards are tokenized already: the tokenizer they were made with is the one that reads them.
+        self.tokenizer_name = (str(self.shards.folder / "tokenizer") if self.shards and cfg.tokenizer == "train"
+                               else cfg.tokenizer)
         self.source = None if self.shards else DocumentSource(
             cfg.dataset, config=cfg.dataset_config, split=cfg.dataset_split, text_column=cfg.text_column,
             encoding_errors=cfg.data_encoding_errors, seed=cfg.seed)
         # Validation: the named split; else a local folder's own validation files; else documents held out by hash.
         self.eval_split = cfg.eval_split or ("validation" if self.source and self.source.has_split("validation") else "")
-        self.holdout = 0.0 if self.eval_split else cfg.holdout_fraction
+        self.holdout = 0.0 if self.eval_split else cfg.val_fraction
 
     def _documents(self, validation: bool, process_index: int = 0, num_processes: int = 1):
         split = self.eval_split if validation and self.eval_split else None
@@ -328,7 +329,7 @@ class PretrainData:
     def train_batches(self, process_index: int, num_processes: int):
         cfg = self.cfg
         if self.shards:
-            self.shards.check_tokenizer(self.tokenizer, cfg.tokenizer)
+            self.shards.check_tokenizer(self.tokenizer, self.tokenizer_name)
             return ShardBatches(self.shards.tokens("train"), eos=self.tokenizer.eos_token_id,
                                 block_size=cfg.block_size, micro_batch_size=cfg.micro_batch_size,
                                 document_masking=cfg.document_masking, process_index=process_index,
@@ -340,7 +341,7 @@ class PretrainData:
 
     def eval_batches(self, process_index: int, num_processes: int) -> list[dict]:
         """This process's share of the validation set: one pass over the validation split (or its first
-        eval_batches micro-batches), the same in every run.
+        eval_batches micro-batches per process), the same in every run.
 
         Whatever the training's crop and masking, validation reads whole documents that each attend only
         to themselves, so runs of different recipes (the seed article's, an ablation) are measured alike.
@@ -352,25 +353,24 @@ class PretrainData:
         else:
             batches = PackedBatches(self._documents(True), block_size=cfg.block_size,
                                     micro_batch_size=cfg.micro_batch_size, error_context=self.source, one_pass=True)
-        wanted = cfg.eval_batches * num_processes if cfg.eval_batches > 0 else None
         try:
-            taken = list(itertools.islice(batches, wanted))
+            share = process_share(batches, process_index, num_processes, cfg.eval_batches)
         except UserError:
             raise
         except Exception as e:
             raise self.source.describe_error(e) if self.source else e from None
-        if not taken:
+        if not share:
             raise UserError(self._empty_validation())
-        return process_share(taken, process_index, num_processes)
+        return share
 
     def _empty_validation(self) -> str:
         if self.shards:
-            return f"token shards {self.cfg.dataset}: the validation shards hold no tokens; remake them with a larger --holdout_fraction"
+            return f"token shards {self.cfg.dataset}: the validation shards hold no tokens; remake them with a larger --val_fraction"
         if self.eval_split:
             return (f"dataset {self.cfg.dataset}: its '{self.eval_split}' split has no documents; "
                     "set --eval_split to a split with documents, or --eval_split '' to hold documents out by hash")
-        return (f"dataset {self.cfg.dataset}: no document is held out for validation at holdout_fraction "
-                f"{self.holdout:g}; raise --holdout_fraction (a small corpus needs ~0.01 or more) or name a "
+        return (f"dataset {self.cfg.dataset}: no document is held out for validation at val_fraction "
+                f"{self.holdout:g}; raise --val_fraction (a small corpus needs ~0.01 or more) or name a "
                 "validation split with --eval_split")
 
     def texts(self):
@@ -485,41 +485,39 @@ def write_token_shards(source: DocumentSource, tokenizer, out: Path, *, holdout:
                        max_documents: int = 0, progress=None) -> dict:
     """Tokenize a document source once into TokenShards (train and validation by the same hash split).
 
-    Written to `<out>.tmp` and renamed at the end, so an interrupted run never leaves a half folder.
+    Written aside and swapped in (hf_gpt.files.atomic_folder): an interrupted run never leaves a half folder.
     """
     if out.exists():  # before the pass, which can take hours
-        raise UserError(f"{out} already exists; remove it or choose another --out")
+        raise UserError(f"{out} already exists; remove it or choose another --output_dir")
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for split, validation in (("train", False), ("validation", True)):
-        documents = tokenized_documents(source, tokenizer, holdout=holdout, validation=validation)
-        pending, count, docs = [], 0, 0
+    with atomic_folder(out) as tmp:
+        shards = []
+        for split, validation in (("train", False), ("validation", True)):
+            documents = tokenized_documents(source, tokenizer, holdout=holdout, validation=validation)
+            pending, count, docs = [], 0, 0
 
-        def flush():
-            nonlocal pending, count
-            if count:
-                name = f"{split}_{len([s for s in shards if s['split'] == split]):04d}.bin"
-                np.concatenate(pending).astype(dtype).tofile(tmp / name)
-                shards.append({"file": name, "split": split, "tokens": count})
-                pending, count = [], 0
+            def flush():
+                nonlocal pending, count
+                if count:
+                    name = f"{split}_{len([s for s in shards if s['split'] == split]):04d}.bin"
+                    np.concatenate(pending).astype(dtype).tofile(tmp / name)
+                    shards.append({"file": name, "split": split, "tokens": count})
+                    pending, count = [], 0
 
-        for row in documents:
-            ids = np.asarray(row["input_ids"], dtype=np.int64)
-            pending.append(ids)
-            count += len(ids)
-            docs += 1
-            if progress:
-                progress(split, len(ids))
-            if count >= shard_tokens:
-                flush()
-            if max_documents and docs >= max_documents:
-                break
-        flush()
-    meta = {"dtype": np.dtype(dtype).name, "eos_token_id": tokenizer.eos_token_id, "dataset": source.name,
-            "holdout_fraction": holdout, "shards": shards}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    tmp.rename(out)
+            for row in documents:
+                ids = np.asarray(row["input_ids"], dtype=np.int64)
+                pending.append(ids)
+                count += len(ids)
+                docs += 1
+                if progress:
+                    progress(split, len(ids))
+                if count >= shard_tokens:
+                    flush()
+                if max_documents and docs >= max_documents:
+                    break
+            flush()
+        meta = {"dtype": np.dtype(dtype).name, "eos_token_id": tokenizer.eos_token_id, "dataset": source.name,
+                "val_fraction": holdout, "shards": shards}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        tokenizer.save_pretrained(tmp / "tokenizer")
     return meta

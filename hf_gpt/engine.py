@@ -3,7 +3,12 @@
 A recipe hands `train()` a model (plain or PEFT), its tokenizer and a data object with two methods:
 
     train_batches(process_index, num_processes) -> iterator of batch dicts with state_dict()/load_state_dict()
-    eval_batches(process_index, num_processes)  -> list of batch dicts (this process's share of a fixed set)
+    eval_batches(process_index, num_processes)  -> list of batch dicts (this process's share of a fixed set,
+                                                   cfg.eval_batches of them at most; hf_gpt.data.process_share)
+
+and, for data of known size, a third that gives --epochs and eval_every 0 their meaning:
+
+    steps_per_epoch(num_processes, accumulation) -> optimizer steps of one pass over the training data
 
 A batch holds `input_ids` and `labels` (-100 where no loss), and optionally `position_ids` (packed
 documents: positions restart at 0 per document, and attention is kept inside each document).
@@ -24,7 +29,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MethodType
 
@@ -39,10 +44,12 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .config import UserError, first_line, save_config
-from .evaluation import token_byte_lengths
+from .files import atomic_folder, atomic_write, recover_folders, replace_folder
+from .generation import SAMPLED, generate
 from .metrics_log import MetricsLog
 from .model import causal_lm_loss, document_mask_inputs
 from .optim import build_optimizer, build_scheduler
+from .tokenizer import token_byte_lengths
 
 CHECKPOINTS = "checkpoints"
 
@@ -169,8 +176,10 @@ def target_count(batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, accelerator, attn_implementation: str) -> dict:
-    """Validation loss (nats per target token), perplexity and bits per byte over a fixed set.
+def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, attn_implementation: str = "sdpa",
+             accelerator: Accelerator | None = None) -> dict:
+    """Validation loss (nats per target token), perplexity and bits per byte over a fixed set: this process's
+    batches summed over all processes with an `accelerator`, else this process's alone.
 
     Runs the model as it is, not compiled: a compiled model would compile again for evaluation (no
     gradients, eval mode, other shapes), which costs tens of seconds at every switch. Flex attention
@@ -178,17 +187,19 @@ def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, accelerator
     """
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # nll, targets, bytes
-    byte_lengths = byte_lengths.to(accelerator.device)
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, targets, bytes
+    byte_lengths = byte_lengths.to(device)
     mask_kind = "eager" if attn_implementation == "eager" else "sdpa"
     for batch in batches:
-        inputs = model_inputs(batch, accelerator.device, mask_kind)
+        inputs = model_inputs(batch, device, mask_kind)
         labels = inputs.pop("labels")[:, 1:]
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         keep = labels != -100
         totals += torch.stack([nll.double(), keep.sum().double(), byte_lengths[labels[keep]].sum().double()])
-    totals = accelerator.reduce(totals, "sum")
+    if accelerator is not None:
+        totals = accelerator.reduce(totals, "sum")
     model.train(was_training)
     nll, count, nbytes = totals.tolist()
     if not count:
@@ -196,28 +207,6 @@ def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, accelerator
     loss = nll / count
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
             "val_bpb": nll / math.log(2) / nbytes if nbytes else float("nan")}
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0, synced_gpus: bool = False
-           ) -> list[str]:
-    """Sampled continuations (temperature 0.8, top-k 40: greedy decoding of a small model loops on one
-    line). A fixed seed makes them comparable between evaluations, and the forked RNG leaves the
-    training stream exactly where it was, so resumed runs stay identical. A sharded (FSDP) model
-    generates on every process together (`synced_gpus`: each forward gathers the weights from all)."""
-    was_training = model.training
-    model.eval()
-    outputs = []
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=40,
-                                 pad_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)
-            outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    model.train(was_training)
-    return outputs
 
 
 class StopSignal:
@@ -243,33 +232,6 @@ class StopSignal:
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = output_dir / CHECKPOINTS
     return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
-
-
-def replace_folder(tmp: Path, dest: Path) -> None:
-    """Swap the complete folder `tmp` in as `dest`. No rename replaces a folder that holds files, so the
-    old one is renamed aside and deleted only once the new one is in place: a crash at any moment
-    leaves `dest` or `dest.old` complete, and recover_folders() puts the latter back."""
-    old = dest.with_name(dest.name + ".old")
-    recover_folder(dest)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_folder(dest: Path) -> None:
-    """Finish a swap that a crash cut short: `dest.old` comes back when `dest` is missing, else it goes."""
-    old = dest.with_name(dest.name + ".old")
-    if old.is_dir():
-        if dest.exists():
-            shutil.rmtree(old)
-        else:
-            os.replace(old, dest)
-
-
-def recover_folders(output_dir: Path) -> None:
-    for old in [*output_dir.glob("*.old"), *(output_dir / CHECKPOINTS).glob("*.old")]:
-        recover_folder(old.with_name(old.name[:-len(".old")]))
 
 
 def save_checkpoint(accelerator, output_dir: Path, progress: dict, batches, keep: int) -> Path:
@@ -322,7 +284,7 @@ def load_checkpoint(accelerator, checkpoint: Path, batches) -> dict:
 # follows the new length from the step resumed at) and what it logs, evaluates, saves and publishes.
 # Anything else (data, model, optimizer, precision, seed) would load the checkpoint into another run.
 RESUMABLE = ("max_steps", "max_tokens", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
-             "report_to", "sample_prompts", "sample_tokens", "push_to_hub")
+             "report_to", "sample_prompts", "max_new_tokens", "push_to_hub")
 
 
 def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int) -> list[str]:
@@ -334,6 +296,7 @@ def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int)
                         f"resume with {saved_by} (each process saved its place in its own share of the data)")
     saved = output_dir / "config.yaml"
     old = yaml.safe_load(saved.read_text()) if saved.exists() else {}
+    old = {type(cfg).renamed.get(k, k): v for k, v in old.items()}  # a run started before the names changed
     # Fields the file lacks were added to the code after the run started: there is nothing to compare.
     changes = {k: f"{k} {old[k]!r} -> {v!r}" for k, v in asdict(cfg).items()
                if k not in ("output_dir", "resume") and k in old and old[k] != v}
@@ -365,13 +328,10 @@ def run_summary(cfg, accelerator, result: dict, info: dict) -> dict:
 def save_final(accelerator, model, tokenizer, final_dir: Path) -> None:
     """Hub-format folder, written next to the old one and swapped in, so a failed save loses nothing."""
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
-        tokenizer.save_pretrained(tmp)
-        replace_folder(tmp, final_dir)
+        with atomic_folder(final_dir) as tmp:
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
+            tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
 
 
@@ -532,107 +492,21 @@ def optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler, micro
 def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: str = "final",
           info: dict | None = None) -> RunResult:
     """Train `model` on `data` as `cfg` says; checkpoints, metrics and `<output_dir>/<final_name>/`."""
-    out = Path(cfg.output_dir)
-    main = accelerator.is_main_process
-    batches = data.train_batches(accelerator.process_index, accelerator.num_processes)
-
-    step = tokens = 0
-    progress: dict = {}
-    if main:
-        recover_folders(out)
-    accelerator.wait_for_everyone()
-    checkpoints = checkpoint_dirs(out)
-    resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
-    # Before anything is built: another config would load the checkpoint into another run.
-    changes = check_resumable(cfg, out, resume_from, accelerator.num_processes) if resume_from else []
-
-    # The batch shape (for the accumulation count) comes from the data itself.
-    peek_state = batches.state_dict()
-    example = next(batches)
-    batches.load_state_dict(peek_state)
-    accum = accumulation_steps(cfg, example["input_ids"].numel(), accelerator.num_processes)
-    tokens_per_step = example["input_ids"].numel() * accum * accelerator.num_processes
-    total_steps = cfg.max_steps or (cfg.max_tokens // tokens_per_step if cfg.max_tokens else 0)
-    if total_steps <= 0:
-        raise UserError("set max_steps or max_tokens to a positive number")
-    # Read before anything is built or written, so that an empty or broken validation split stops the
-    # run at once, not at its first evaluation.
-    eval_set = data.eval_batches(accelerator.process_index, accelerator.num_processes)
-    model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, total_steps)
-    # start_run seeded every process alike, so the recipe built the same initial weights (and LoRA
-    # adapters) everywhere: DDP broadcasts rank 0's anyway, but FSDP2 keeps each process's own shard.
-    # From here the RNG draws dropout masks, which must differ between processes, or every process drops
-    # the same units of its batch. A resumed run then restores each process's own RNG state.
-    set_seed(cfg.seed, device_specific=True)
-    guard = FiniteGuard(model, accelerator, optimizer)
-
-    if resume_from:
-        progress = load_checkpoint(accelerator, resume_from, batches)
-        step, tokens = progress["step"], progress["tokens"]
-        accelerator.print(f"resumed from {resume_from} at step {step}"
-                          + (f" (changed: {', '.join(changes)})" if changes else ""))
-        if step > total_steps:
-            raise UserError(f"{resume_from} is past this run's {total_steps} steps; resume with a longer "
-                            "--max_steps or --max_tokens")
-    elif cfg.resume:
-        accelerator.print(f"no checkpoint in {out / CHECKPOINTS}: starting from scratch")
-
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
-    metrics.truncate_after(step)  # rows a killed run wrote past its last checkpoint
+    run = set_up(cfg, model, tokenizer, data, accelerator)
+    out, main, total_steps = run.output_dir, accelerator.is_main_process, run.total_steps
+    step, tokens = run.progress["step"], run.progress["tokens"]
     if step == total_steps:
         # The checkpoint at the last step is saved after final/ and summary.json: nothing is left to do.
         accelerator.print(f"{out} already finished at step {step}; nothing to train")
-        last_eval = next(({k: v for k, v in r.items() if k.startswith("val_")}
-                          for r in reversed(metrics.rows()) if "val_loss" in r), {})
-        return RunResult(out, out / final_name, step, tokens, last_eval, False)
-    if main and not resume_from:  # a resumed run keeps the config it was started with
-        save_config(cfg, out / "config.yaml")
-    if cfg.report_to:
-        accelerator.init_trackers(out.name, config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)})
+        return RunResult(out, out / final_name, step, tokens, run.metrics.last_eval(), False)
 
-    byte_lengths = token_byte_lengths(tokenizer, accelerator.unwrap_model(model).config.vocab_size)
-    last_eval: dict = {}
-    eval_seconds = 0.0
-
-    def stop_if_diverged():
-        error = guard.failure(accum, out)
-        if error:
-            bar.close()  # the error line must not land on the progress bar
-            raise UserError(error)
-
-    def run_eval():
-        nonlocal last_eval, eval_seconds
-        stop_if_diverged()
-        began = time.perf_counter()
-        last_eval = evaluate(accelerator.unwrap_model(model), eval_set, byte_lengths, accelerator,
-                             cfg.attn_implementation)
-        row = {"step": step, "tokens": tokens_now(), **last_eval}
-        sharded = accelerator.distributed_type == DistributedType.FSDP  # every process must take part
-        if cfg.sample_prompts and (main or sharded):
-            samples = sample(accelerator.unwrap_model(model), tokenizer, cfg.sample_prompts, cfg.sample_tokens,
-                             cfg.seed, synced_gpus=sharded)
-            if main:
-                row["samples"] = samples
-        metrics.write(row)
-        accelerator.log(last_eval, step=step)
-        if main and last_eval:
-            tqdm.write(f"step {step}: val_loss {last_eval['val_loss']:.4f}  ppl {last_eval['val_ppl']:.2f}  "
-                       f"bpb {last_eval['val_bpb']:.4f}")
-            for prompt, text in zip(cfg.sample_prompts, row.get("samples", [])):
-                tqdm.write(f"  {prompt!r} -> {text!r}")
-        eval_seconds += time.perf_counter() - began
-
-    accelerator.print(f"training {total_steps} steps x {tokens_per_step:,} tokens "
-                      f"(micro-batch {example['input_ids'].shape[0]} x {example['input_ids'].shape[1]}, "
-                      f"accumulation {accum}, processes {accelerator.num_processes})")
-    bar = tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True, desc=out.name)
-    model.train()
+    run.model.train()
     # The steps since the last log row. A checkpoint between log steps carries them, so that the first row
     # after a resume averages the same steps as in a run never stopped (older checkpoints: the steps since).
-    window_loss = torch.full((), progress.get("window_loss", 0.0), device=accelerator.device)
-    window_steps = progress.get("window_steps", 0)
+    window_loss = torch.full((), run.progress.get("window_loss", 0.0), device=accelerator.device)
+    window_steps = run.progress.get("window_steps", 0)
     # The largest gradient norm of the window: spikes are what it is read for.
-    window_grad_norm = torch.full((), progress.get("window_grad_norm", 0.0), device=accelerator.device)
+    window_grad_norm = torch.full((), run.progress.get("window_grad_norm", 0.0), device=accelerator.device)
     # Tokens are counted on the device (SFT batches vary in size) and read back on log steps.
     tokens_at_start, new_tokens = tokens, torch.zeros((), dtype=torch.long, device=accelerator.device)
     window_start = started = time.perf_counter()
@@ -645,12 +519,14 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                 "window_grad_norm": window_grad_norm.item()}
 
     stopped = False
-    with StopSignal() as stop:
+    # The bar closes however the loop ends, so that an error line never lands on it.
+    with StopSignal() as stop, tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True,
+                                    desc=out.name) as bar:
         while step < total_steps:
-            micro_batches = [next(batches) for _ in range(accum)]
-            lr = scheduler.get_last_lr()[0]  # this step's: the scheduler moves on at its end
-            loss, grad_norm, step_tokens = optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler,
-                                                          micro_batches, guard, step + 1)
+            micro_batches = [next(run.batches) for _ in range(run.accumulation)]
+            lr = run.scheduler.get_last_lr()[0]  # this step's: the scheduler moves on at its end
+            loss, grad_norm, step_tokens = optimizer_step(cfg, accelerator, run.model, run.forward, run.optimizer,
+                                                          run.scheduler, micro_batches, run.guard, step + 1)
             window_loss += loss
             window_steps += 1
             window_grad_norm = torch.maximum(window_grad_norm, grad_norm)
@@ -666,23 +542,21 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, "tokens": tokens, "loss": loss_value, "lr": lr,
                        "grad_norm": window_grad_norm.item(), "tokens_per_s": window_tokens / elapsed}
-                metrics.write(row)
+                run.metrics.write(row)
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
-                stop_if_diverged()
+                check_finite(run)
                 window_loss.zero_()
                 window_steps = 0
                 window_grad_norm.zero_()
                 window_start = time.perf_counter()
             paused = time.perf_counter()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                run_eval()
+            if run.eval_every and step % run.eval_every == 0 and step < total_steps:
+                evaluate_and_log(run, step, tokens_now())
             # At the last step the run finishes anyway, with final/ and the checkpoint that says it is complete.
             stop_now = step < total_steps and _agreed(stop.received, accelerator, step % cfg.log_every == 0)
             if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stop_now:
-                stop_if_diverged()
-                with unwritable_as_error(f"checkpoint step {step}", out):
-                    path = save_checkpoint(accelerator, out, progress_now(), batches, cfg.keep_checkpoints)
+                path = checkpoint(run, progress_now())
                 if stop_now:
                     bar.close()
                     accelerator.print(f"stopped by signal at step {step}; checkpoint {path}; "
@@ -691,25 +565,178 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                     break
             # tokens_per_s measures training: the clock stops while evaluating and saving
             window_start += time.perf_counter() - paused
-    bar.close()
-    if not stopped:
-        run_eval()
-        with unwritable_as_error(f"{final_name}/", out):
-            save_final(accelerator, model, tokenizer, out / final_name)
-    wall = time.perf_counter() - started
-    tokens = tokens_now()
+    return finish(run, progress_now(), started, stopped, final_name, info or {})
+
+
+@dataclass
+class Run:
+    """What set_up() prepared for the loop, and where the loop starts: `progress` holds the step, the tokens
+    and the open log window (a checkpoint's, when resumed)."""
+
+    cfg: object
+    accelerator: Accelerator
+    output_dir: Path
+    tokenizer: object
+    model: torch.nn.Module
+    forward: object  # the model's forward, compiled or not
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: object  # data.train_batches(): an iterator with state_dict()/load_state_dict()
+    eval_set: list[dict]
+    guard: FiniteGuard
+    metrics: MetricsLog
+    byte_lengths: torch.Tensor
+    accumulation: int
+    tokens_per_step: int
+    total_steps: int
+    eval_every: int
+    progress: dict
+    last_eval: dict = field(default_factory=dict)
+    eval_seconds: float = 0.0
+
+
+def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
+    """Everything before the first step, in an order that stops a bad run before it builds or writes anything:
+    folders recovered, a resume checked against the run's config.yaml, the run's length from the data's batch
+    shape, the validation set read, then the model, optimizer and schedule prepared, the checkpoint loaded,
+    config.yaml written and the trackers started."""
+    out = Path(cfg.output_dir)
+    main = accelerator.is_main_process
+    batches = data.train_batches(accelerator.process_index, accelerator.num_processes)
     if main:
-        summary = run_summary(cfg, accelerator, {"steps": step, "tokens": tokens, "wall_time_s": wall,
-                                                 "eval_time_s": eval_seconds, "tokens_per_step": tokens_per_step,
-                                                 "eval": last_eval}, info or {})
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        metrics.plot(out / "loss.png")
+        recover_folders(out)
+    accelerator.wait_for_everyone()
+    checkpoints = checkpoint_dirs(out)
+    resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
+    # Before anything is built: another config would load the checkpoint into another run.
+    changes = check_resumable(cfg, out, resume_from, accelerator.num_processes) if resume_from else []
+
+    # The batch shape (for the accumulation count) comes from the data itself.
+    peek_state = batches.state_dict()
+    example = next(batches)
+    batches.load_state_dict(peek_state)
+    accum = accumulation_steps(cfg, example["input_ids"].numel(), accelerator.num_processes)
+    tokens_per_step = example["input_ids"].numel() * accum * accelerator.num_processes
+    # Data of known size (SFT, LoRA) says how many steps a pass over it takes; a streamed corpus cannot.
+    epoch = data.steps_per_epoch(accelerator.num_processes, accum) if hasattr(data, "steps_per_epoch") else None
+    total_steps = run_length(cfg, tokens_per_step, epoch)
+    # Read before anything is built or written, so that an empty or broken validation split stops the
+    # run at once, not at its first evaluation.
+    eval_set = data.eval_batches(accelerator.process_index, accelerator.num_processes)
+    model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, total_steps)
+    # start_run seeded every process alike, so the recipe built the same initial weights (and LoRA
+    # adapters) everywhere: DDP broadcasts rank 0's anyway, but FSDP2 keeps each process's own shard.
+    # From here the RNG draws dropout masks, which must differ between processes, or every process drops
+    # the same units of its batch. A resumed run then restores each process's own RNG state.
+    set_seed(cfg.seed, device_specific=True)
+    guard = FiniteGuard(model, accelerator, optimizer)
+
+    progress = {"step": 0, "tokens": 0}
+    if resume_from:
+        progress = load_checkpoint(accelerator, resume_from, batches)
+        accelerator.print(f"resumed from {resume_from} at step {progress['step']}"
+                          + (f" (changed: {', '.join(changes)})" if changes else ""))
+        if progress["step"] > total_steps:
+            raise UserError(f"{resume_from} is past this run's {total_steps} steps; resume with a longer "
+                            "--max_steps or --max_tokens")
+    elif cfg.resume:
+        accelerator.print(f"no checkpoint in {out / CHECKPOINTS}: starting from scratch")
+
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
+    metrics.truncate_after(progress["step"])  # rows a killed run wrote past its last checkpoint
+    run = Run(cfg, accelerator, out, tokenizer, model, forward, optimizer, scheduler, batches, eval_set, guard,
+              metrics, token_byte_lengths(tokenizer, accelerator.unwrap_model(model).config.vocab_size), accum,
+              tokens_per_step, total_steps, cfg.eval_every or (max(1, round(epoch)) if epoch else 0), progress)
+    if progress["step"] < total_steps:  # a finished run, resumed, changes nothing
+        if main and not resume_from:  # a resumed run keeps the config it was started with
+            save_config(cfg, out / "config.yaml")
+        if cfg.report_to:
+            accelerator.init_trackers(out.name, config={k: v for k, v in asdict(cfg).items()
+                                                        if not isinstance(v, list)})
+        accelerator.print(f"training {total_steps} steps x {tokens_per_step:,} tokens "
+                          f"(micro-batch {example['input_ids'].shape[0]} x {example['input_ids'].shape[1]}, "
+                          f"accumulation {accum}, processes {accelerator.num_processes})")
+    return run
+
+
+def run_length(cfg, tokens_per_step: int, steps_per_epoch: float | None) -> int:
+    """Optimizer steps of the run: max_steps; else max_tokens / tokens per step; else epochs x the steps of a
+    pass over the data, for data of known size."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    if cfg.max_tokens:
+        steps = cfg.max_tokens // tokens_per_step
+    elif cfg.epochs and not steps_per_epoch:
+        raise UserError("epochs needs data of known size (SFT, LoRA); a streamed corpus takes max_steps or max_tokens")
+    else:  # round(): 3 x (7 / 3) must give 7 steps, not 8
+        steps = math.ceil(round(cfg.epochs * (steps_per_epoch or 0), 6))
+    if steps <= 0:
+        raise UserError("set max_steps, max_tokens or epochs to a positive number")
+    return steps
+
+
+def check_finite(run: Run) -> None:
+    """Stops the run, in one line, if a step since the last check was not finite (FiniteGuard; a host sync)."""
+    error = run.guard.failure(run.accumulation, run.output_dir)
+    if error:
+        raise UserError(error)
+
+
+def evaluate_and_log(run: Run, step: int, tokens: int) -> None:
+    """Validation loss, perplexity and bits per byte (and the samples of cfg.sample_prompts) at `step`, into
+    metrics.jsonl, the trackers and the console."""
+    cfg, accelerator = run.cfg, run.accelerator
+    check_finite(run)
+    began = time.perf_counter()
+    model = accelerator.unwrap_model(run.model)
+    run.last_eval = evaluate(model, run.eval_set, run.byte_lengths, cfg.attn_implementation, accelerator)
+    row = {"step": step, "tokens": tokens, **run.last_eval}
+    # A sharded (FSDP) model generates on every process together: each forward gathers the weights from all.
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if cfg.sample_prompts and (accelerator.is_main_process or sharded):
+        samples = generate(model, run.tokenizer, cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens,
+                           seed=cfg.seed, synced_gpus=sharded, **SAMPLED)
+        if accelerator.is_main_process:
+            row["samples"] = samples
+    run.metrics.write(row)
+    accelerator.log(run.last_eval, step=step)
+    if accelerator.is_main_process and run.last_eval:
+        tqdm.write(f"step {step}: val_loss {run.last_eval['val_loss']:.4f}  ppl {run.last_eval['val_ppl']:.2f}  "
+                   f"bpb {run.last_eval['val_bpb']:.4f}")
+        for prompt, text in zip(cfg.sample_prompts, row.get("samples", [])):
+            tqdm.write(f"  {prompt!r} -> {text!r}")
+    run.eval_seconds += time.perf_counter() - began
+
+
+def checkpoint(run: Run, progress: dict) -> Path:
+    """save_checkpoint() with `progress`, once the steps before it are known to be finite: nothing trained after
+    a non-finite step is ever saved."""
+    check_finite(run)
+    with unwritable_as_error(f"checkpoint step {progress['step']}", run.output_dir):
+        return save_checkpoint(run.accelerator, run.output_dir, progress, run.batches, run.cfg.keep_checkpoints)
+
+
+def finish(run: Run, progress: dict, started: float, stopped: bool, final_name: str, info: dict) -> RunResult:
+    """The end of a run at `progress`: unless stopped by a signal, a last evaluation and <final_name>/; then
+    summary.json and loss.png; then, last, the checkpoint whose presence at the last step says all of those
+    are complete."""
+    out, accelerator, step, tokens = run.output_dir, run.accelerator, progress["step"], progress["tokens"]
     if not stopped:
-        # Last, so that a checkpoint at the last step means final/ and summary.json are complete.
-        with unwritable_as_error(f"checkpoint step {step}", out):
-            save_checkpoint(accelerator, out, progress_now(), batches, cfg.keep_checkpoints)
+        evaluate_and_log(run, step, tokens)
+        with unwritable_as_error(f"{final_name}/", out):
+            save_final(accelerator, run.model, run.tokenizer, out / final_name)
+    wall = time.perf_counter() - started
+    if accelerator.is_main_process:
+        summary = run_summary(run.cfg, accelerator, {"steps": step, "tokens": tokens, "wall_time_s": wall,
+                                                     "eval_time_s": run.eval_seconds,
+                                                     "tokens_per_step": run.tokens_per_step, "eval": run.last_eval},
+                              info)
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+        run.metrics.plot(out / "loss.png")
+    if not stopped:
+        checkpoint(run, progress)
     accelerator.end_training()
-    return RunResult(out, out / final_name, step, tokens, last_eval, stopped)
+    return RunResult(out, out / final_name, step, tokens, run.last_eval, stopped)
 
 
 def _agreed(flag: bool, accelerator, may_sync: bool) -> bool:

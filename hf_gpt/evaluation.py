@@ -1,4 +1,4 @@
-"""Evaluation helpers shared by the training loop and scripts/compare.py.
+"""Scoring for scripts/compare.py: log-likelihoods of text and of benchmark answers.
 
 Scoring follows EleutherAI's lm-evaluation-harness (its `HFLM` model) step for step, so that the
 numbers agree with it (docs/compare.md shows the check):
@@ -15,75 +15,17 @@ The log-likelihoods are computed here with the model in torch; `load_metric` mod
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
-from .config import UserError, first_line
-from .tokenizer import check_source, load_tokenizer
+from .loading import context_length
+from .tokenizer import token_byte_lengths
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
-# lm-eval's fallback context length when neither the config nor the tokenizer names one.
-DEFAULT_CONTEXT = 2048
-# A model folder holds one of these: save_pretrained's config, or a PEFT adapter's.
-MODEL_FILES = ("config.json", "adapter_config.json")
-
-
-def token_byte_lengths(tokenizer, size: int | None = None) -> torch.Tensor:
-    """UTF-8 byte length of every token id, for bits-per-byte.
-
-    Byte-level BPE (GPT-2's and ours) spells each byte as one character of its alphabet, so the
-    length of the token string is its byte count. Special tokens stand for no text: 0 bytes.
-    `size` pads the table to a model's (possibly larger, padded) vocabulary.
-    """
-    size = max(size or 0, len(tokenizer))
-    lengths = torch.zeros(size, dtype=torch.long)
-    special = set(tokenizer.all_special_ids)
-    for token, idx in tokenizer.get_vocab().items():
-        if idx not in special:
-            lengths[idx] = len(token)
-    return lengths
-
-
-def load_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) in eval mode from a Hub id, a Hub-format folder, or a PEFT adapter folder.
-
-    A folder with adapter_config.json is a PEFT adapter: it is loaded on the base model its config
-    names, with the adapter folder's tokenizer if it saved one, else the base model's.
-    AutoPeftModelForCausalLM also grows the base's embeddings when the adapter's tokenizer added a
-    token (hf_gpt.lora's trigger token).
-    """
-    path = Path(name_or_path)
-    check_source(name_or_path, "model", MODEL_FILES)
-    try:
-        if (path / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
-            has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-            tokenizer_source = name_or_path if has_tokenizer else model.peft_config["default"].base_model_name_or_path
-        else:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
-            tokenizer_source = name_or_path
-    except Exception as e:  # offline, 404, broken weights: all one line
-        raise UserError(f"model '{name_or_path}' could not be loaded: {first_line(e)}") from None
-    tokenizer = load_tokenizer(tokenizer_source)
-    return model.to(device).eval(), tokenizer
-
-
-def context_length(model, tokenizer) -> int:
-    """The longest input the model takes, looked up as lm-eval does."""
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        if value := getattr(model.config, attr, None):
-            return int(value)
-    if tokenizer.model_max_length < 10**12:  # transformers' "no limit" is a huge sentinel
-        return int(tokenizer.model_max_length)
-    return DEFAULT_CONTEXT
 
 
 def prefix_token_id(tokenizer) -> int:
@@ -204,30 +146,3 @@ def heldout_loss(model, tokenizer, texts: list[str], *, batch_size: int = 16, de
     scores = load_metric("perplexity_bpb").compute(nll=[-ll for ll in lls], units=[len(t) for t in tokens],
                                                    bytes=nbytes)
     return {"val_loss": scores["loss"], "val_ppl": scores["perplexity"], "val_bpb": scores["bits_per_byte"]}
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 40) -> tuple[list[str], float]:
-    """Greedy continuations of each prompt (deterministic, so models are compared on the same footing)
-    and the generation speed in new tokens per second, one prompt at a time with the KV cache."""
-    device = next(model.parameters()).device
-    max_length = context_length(model, tokenizer)
-
-    def run(prompt: str, n: int) -> torch.Tensor:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        n = min(n, max_length - ids.shape[1])  # a model with learnt positions has none beyond its context
-        if n < 1:
-            return torch.empty(0, dtype=torch.long)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        return out[0, ids.shape[1]:].cpu()  # .cpu() waits for the GPU, so the clock reads true
-
-    run(prompts[0], 4)  # warm-up: CUDA kernels and caches are set up outside the timing
-    texts, new_tokens, seconds = [], 0, 0.0
-    for prompt in prompts:
-        start = time.perf_counter()
-        out = run(prompt, max_new_tokens)
-        seconds += time.perf_counter() - start
-        new_tokens += len(out)
-        texts.append(tokenizer.decode(out, skip_special_tokens=True))
-    return texts, new_tokens / seconds

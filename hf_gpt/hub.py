@@ -63,10 +63,6 @@ METRICS = {
     "wikitext_word_ppl": ("wikitext", "word_perplexity", "WikiText word perplexity"),
     "wikitext_bpb": ("wikitext", "bits_per_byte", "WikiText bits per byte"),
 }
-# Where scripts/compare.py takes each benchmark from by default: (dataset id, name, config, split).
-BENCHMARKS = {"hellaswag": ("Rowan/hellaswag", "HellaSwag", None, "validation"),
-              "lambada": ("EleutherAI/lambada_openai", "LAMBADA", "default", "test"),
-              "wikitext": ("EleutherAI/wikitext_document_level", "WikiText-2", "wikitext-2-raw-v1", "test")}
 
 
 @dataclass
@@ -237,6 +233,8 @@ def build_card(info: FolderInfo, repo_id: str, *, results: dict | None = None, l
 def eval_results(info: FolderInfo, results: dict | None) -> list[EvalResult]:
     """model-index entries: the run's own held-out evaluation, then scripts/compare.py's row for this folder.
     compare.py's held-out text numbers replace the run's own: they are the deliberate measurement."""
+    from .benchmarks import BENCHMARKS  # here: it brings datasets and torch, which the token check does without
+
     rows: list[EvalResult] = []
     own = info.summary.get("eval") or {}
     if not (results and any(k in METRICS and METRICS[k][0] == "text" for k in results["row"])):
@@ -258,7 +256,7 @@ def eval_results(info: FolderInfo, results: dict | None) -> list[EvalResult]:
             continue  # e.g. tokens/s: a speed, not a result about the model
         task, metric_type, metric_name = METRICS[key]
         rows.append(EvalResult(task_type="text-generation",
-                               task_name=BENCHMARKS[task][1] if task in BENCHMARKS else "held-out language modelling",
+                               task_name=BENCHMARKS[task].title if task in BENCHMARKS else "held-out language modelling",
                                metric_type=metric_type, metric_name=metric_name, metric_value=round(float(value), 4),
                                **_dataset_of(task, results["data"].get("tasks", {}).get(task, {}))))
     return rows
@@ -266,19 +264,21 @@ def eval_results(info: FolderInfo, results: dict | None) -> list[EvalResult]:
 
 def _dataset_of(task: str, described: dict) -> dict:
     """model-index dataset fields from results.json's description of a task; local files stay unnamed."""
+    from .benchmarks import BENCHMARKS
+
     source = hub_id(described.get("source"))
     if task == "text":
         holdout = f" (held out at {described['holdout']})" if described.get("holdout") else ""
         return {"dataset_type": source or "local/text", "dataset_name": f"{source or 'local text'}{holdout}",
                 "dataset_config": described.get("config") if source else None,
                 "dataset_split": described.get("split") if source else None}
-    default_id, title, config, split = BENCHMARKS[task]
+    spec = BENCHMARKS[task]
     if source:
-        return {"dataset_type": source, "dataset_name": title, "dataset_config": described.get("config"),
+        return {"dataset_type": source, "dataset_name": spec.title, "dataset_config": described.get("config"),
                 "dataset_split": described.get("split")}
     if described.get("file"):  # a local copy: named as one, its path left out
-        return {"dataset_type": f"local/{task}", "dataset_name": f"{title} (local copy)"}
-    return {"dataset_type": default_id, "dataset_name": title, "dataset_config": config, "dataset_split": split}
+        return {"dataset_type": f"local/{task}", "dataset_name": f"{spec.title} (local copy)"}
+    return {"dataset_type": spec.path, "dataset_name": spec.title, "dataset_config": spec.name, "dataset_split": spec.split}
 
 
 def _summary_line(info: FolderInfo, base: str | None) -> str:

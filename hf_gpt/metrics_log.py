@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .config import UserError
+from .files import atomic_write
 
 
 class MetricsLog:
@@ -31,11 +32,16 @@ class MetricsLog:
                     raise UserError(f"{self.path} line {i + 1} is not JSON: the file was edited or damaged") from None
         return rows
 
+    def last_eval(self) -> dict:
+        """The val_* figures of the last evaluation row ({} when there is none)."""
+        return next(({k: v for k, v in r.items() if k.startswith("val_")}
+                     for r in reversed(self.rows()) if "val_loss" in r), {})
+
     def truncate_after(self, step: int) -> None:
         """Drop rows past `step`: a resumed run writes them again, so the log matches an uninterrupted run."""
         if self.enabled and self.path.exists():
             kept = [r for r in self.rows() if r.get("step", 0) <= step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def plot(self, png: Path) -> None:
         import matplotlib

@@ -14,8 +14,9 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
     """Names of the 2-D weight matrices that get weight decay.
 
     Biases and LayerNorm gains are 1-D; embeddings are 2-D but are lookup tables whose rare rows
-    decay toward zero between their few updates, so GPT-2 (and nanoGPT) leave them out. A tied
-    lm_head shares the embedding's tensor and so is left out with it.
+    decay toward zero between their few updates, so they are left out too, as minGPT leaves them out
+    (nanoGPT today decays every 2-D tensor, embeddings included). A tied lm_head shares the embedding's
+    tensor and so is left out with it.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return {name for name, p in model.named_parameters()

@@ -1,5 +1,5 @@
 """Instruction tuning (SFT): records -> chats -> token ids with loss on the replies only -> batches for
-the engine; then replies to the held-out test split, scored by ROUGE-L and optionally an LLM judge.
+the engine. The replies to the test split and their scores are hf_gpt.scoring's.
 
 Every record becomes a chat, a list of messages:
 
@@ -19,26 +19,21 @@ carry loss: each reply and the end-of-text token after it.
 from __future__ import annotations
 
 import bisect
-import functools
 import json
 import math
-import os
 import random
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .config import TrainConfig, UserError, first_line
+from .config import TrainConfig, UserError, could_not_load
 from .data import process_share
-from .evaluation import MODEL_FILES
-from .generation import chat_prompt_ids, generate
-from .tokenizer import check_source
+from .generation import chat_prompt_ids
+from .loading import MODEL_FILES, check_source
 
 # The Alpaca format of "Build a Large Language Model (From Scratch)", ch. 7, which the article used.
 # A system message replaces the opening sentence; a user message's optional "input" is the task's context.
@@ -69,11 +64,6 @@ ALPACA_TEMPLATE = """\
     {{- '\\n\\n### Response:\\n' -}}
 {%- endif -%}"""
 
-# The article's judge prompt (Raschka, ch. 7), for a model served behind an OpenAI-compatible API.
-JUDGE_PROMPT = ("Given the input `{instruction}` and correct output `{output}`, score the model response "
-                "`{response}` on a scale from 0 to 100, where 100 is the best score. "
-                "Respond with the integer number only.")
-
 
 @dataclass
 class SFTConfig(TrainConfig):
@@ -83,17 +73,17 @@ class SFTConfig(TrainConfig):
     output_dir: str = "runs/sft"
     model: str = field(default="", metadata={"help": "Base model: a folder (scripts/pretrain.py's final/, any GPT-2 folder) or a Hub id."})
     # Data.
-    data: str = field(default="", metadata={"help": "Instruction records: a .json/.jsonl file, or a Hub dataset id / local dataset folder."})
-    data_config: str = ""
-    data_split: str = "train"
-    val_fraction: float = 0.05
-    test_fraction: float = 0.10
+    dataset: str = field(default="", metadata={"help": "Instruction records: a .json/.jsonl file, or a Hub dataset id / local dataset folder."})
+    dataset_config: str = ""
+    dataset_split: str = "train"
+    val_fraction: float = field(default=0.05, metadata={"help": "Share of records held out for validation."})
+    test_fraction: float = field(default=0.10, metadata={"help": "Share of records held out for the test replies."})
     split_seed: int = field(default=0, metadata={"help": "0: split in file order (train, then test, then validation), as the article did; N: shuffle with seed N first."})
     chat_template: str = field(default="alpaca", metadata={"help": "'alpaca' or a Jinja file that marks each reply and its end token as a generation block."})
     max_length: int = field(default=1024, metadata={"help": "Tokens per example (prompt, reply, end token); at most the model's context."})
     overlong: str = field(default="truncate", metadata={"help": "Longer records: truncate (cut the reply's end) | drop."})
     packing: bool = field(default=False, metadata={"help": "Pack several examples into each row of max_length tokens; attention stays inside each."})
-    epochs: int = 2
+    epochs: float = 2.0
     dropout: float = field(default=0.0, metadata={"help": "GPT-2's dropout while tuning; the article used none (OpenAI's config says 0.1)."})
     # Test split: replies, ROUGE-L and an optional LLM judge.
     max_new_tokens: int = 256
@@ -109,38 +99,21 @@ class SFTConfig(TrainConfig):
     adam_beta2: float = 0.999
     micro_batch_size: int = 8
     log_every: int = 5
-    eval_batches: int = field(default=0, metadata={"help": "0: the whole validation split."})
+    eval_batches: int = 0
+
+    renamed: ClassVar[dict[str, str]] = {**TrainConfig.renamed, "data": "dataset", "data_config": "dataset_config",
+                                         "data_split": "dataset_split"}
 
 
 def check_config(cfg: SFTConfig) -> None:
-    if not cfg.model or not cfg.data:
-        raise UserError("set --model (a base model folder or Hub id) and --data (instruction records)")
+    if not cfg.model or not cfg.dataset:
+        raise UserError("set --model (a base model folder or Hub id) and --dataset (instruction records)")
     check_source(cfg.model, "model", MODEL_FILES)  # the tokenizer is loaded from it first and would take the blame
     if cfg.tokens_per_step:
         raise UserError("tokens_per_step does not apply to SFT (batches vary in length); "
                         "set gradient_accumulation_steps instead")
-    if cfg.epochs < 1 and not cfg.max_steps:
+    if not cfg.epochs and not cfg.max_steps:
         raise UserError("set epochs (or max_steps) to a positive number")
-
-
-def load_base_model(cfg: SFTConfig, tokenizer):
-    """The model to tune, in float32 (mixed precision keeps float32 master weights; from_pretrained would
-    otherwise load a bf16 checkpoint as bf16) with cfg.dropout, and with generation settings that final/
-    carries, so that `pipeline("text-generation")` writes a whole reply and pads without a warning."""
-    from transformers import AutoModelForCausalLM
-
-    from .model import attention_name
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
-                                                     attn_implementation=attention_name(cfg.attn_implementation),
-                                                     resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                                                     attn_pdrop=cfg.dropout)
-    except Exception as e:  # missing folder, offline Hub: one line
-        raise UserError(f"model '{cfg.model}' could not be loaded: {first_line(e)}") from None
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.max_new_tokens = cfg.max_new_tokens
-    return model
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -160,10 +133,8 @@ def read_records(name: str, config: str = "", split: str = "train") -> list[tupl
         raise UserError(f"data path not found: {name}")
     from datasets import load_dataset
 
-    try:
+    with could_not_load("dataset", name, f" (split {split})"):
         rows = load_dataset(name, config or None, split=split)
-    except Exception as e:  # offline, 404, no such split: one line each
-        raise UserError(f"dataset '{name}' could not be loaded (split {split}): {first_line(e)}") from None
     return [(f"{name} ({split}): record {i + 1}", row) for i, row in enumerate(rows)]
 
 
@@ -271,7 +242,7 @@ def resolve_chat_template(name: str) -> str:
     return template
 
 
-def prepare_tokenizer(tokenizer, template: str):
+def with_chat_template(tokenizer, template: str):
     """The chat template that training, evaluation and the saved final/ folder share, and a pad token
     (GPT-2 has none; padded positions carry no loss and no attention, so the end-of-text id serves)."""
     tokenizer.chat_template = template
@@ -413,15 +384,15 @@ class SFTBatches:
 
 
 class SFTData:
-    """The records of `cfg.data`, split, tokenized through the chat template, length-checked and (when
+    """The records of `cfg.dataset`, split, tokenized through the chat template, length-checked and (when
     packing) packed: what the engine trains and validates on, and the test split's chats."""
 
     def __init__(self, cfg: SFTConfig, tokenizer, context: int):
         self.cfg, self.tokenizer, self.context = cfg, tokenizer, context
         self.max_length = min(cfg.max_length, context)
-        records = read_records(cfg.data, cfg.data_config, cfg.data_split)
+        records = read_records(cfg.dataset, cfg.dataset_config, cfg.dataset_split)
         if not records:
-            raise UserError(f"data {cfg.data}: no records")
+            raise UserError(f"dataset {cfg.dataset}: no records")
         chats = [(where, to_messages(record, where)) for where, record in records]  # every record checked first
         train, val, test = split_records(chats, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
         self.counts = {"records": len(chats)}
@@ -431,7 +402,7 @@ class SFTData:
         self.test = [messages for _, messages in test if len(chat_prompt_ids(tokenizer, messages[:-1])) < context]
         self.counts["test"], self.counts["test_too_long"] = len(self.test), len(test) - len(self.test)
         if not self.train:
-            raise UserError(f"data {cfg.data}: no training examples left after the split and the length limit")
+            raise UserError(f"dataset {cfg.dataset}: no training examples left after the split and the length limit")
 
     def _examples(self, split: str, chats: list) -> list[Example]:
         examples = [encode_chat(self.tokenizer, messages, where) for where, messages in chats]
@@ -452,14 +423,11 @@ class SFTData:
                           process_index=process_index, num_processes=num_processes)
 
     def eval_batches(self, process_index: int, num_processes: int) -> list[dict]:
-        """This process's share (hf_gpt.data.process_share) of the whole validation split (or its first
-        eval_batches batches)."""
+        """This process's share (hf_gpt.data.process_share) of the validation split."""
         units, size = self._units(self.val, None), self.cfg.micro_batch_size
-        batches = [collate(units[i:i + size], self.tokenizer.pad_token_id, self.cfg.packing)
-                   for i in range(0, len(units), size)]
-        if self.cfg.eval_batches:
-            batches = batches[:self.cfg.eval_batches]
-        return process_share(batches, process_index, num_processes)
+        batches = (collate(units[i:i + size], self.tokenizer.pad_token_id, self.cfg.packing)
+                   for i in range(0, len(units), size))
+        return process_share(batches, process_index, num_processes, self.cfg.eval_batches)
 
     def steps_per_epoch(self, num_processes: int, accumulation: int) -> int:
         """Optimizer steps per pass over the training split (micro-batches left over roll into the next)."""
@@ -479,99 +447,3 @@ class SFTData:
             lines.append(f"test: {c['test_too_long']} records skipped, their prompt fills the "
                          f"{self.context}-token context")
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- scoring
-
-@functools.cache
-def _rouge():
-    # evaluate.load("rouge") fetches its loading script from the Hub at run time, which offline machines
-    # cannot; that script is a wrapper of this package, so the numbers are the same.
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"])
-
-
-def rouge_l(reference: str, response: str) -> float:
-    """ROUGE-L F1 (longest common subsequence of words), 0 to 1."""
-    return _rouge().score(reference, response)["rougeL"].fmeasure
-
-
-def judge_score(url: str, model: str, instruction: str, output: str, response: str, timeout: float = 300) -> int | None:
-    """The article's 0-100 score from an LLM behind an OpenAI-compatible API (Ollama, vLLM, llama.cpp's
-    server); None when the judge's answer holds no number."""
-    prompt = JUDGE_PROMPT.format(instruction=instruction, output=output, response=response)
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "seed": 123}
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get("OPENAI_API_KEY"):  # hosted endpoints want a key; local servers ignore it
-        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
-    request = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
-                                     headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            answer = json.load(reply)["choices"][0]["message"]["content"]
-    except urllib.error.HTTPError as e:
-        raise UserError(f"judge {url}: HTTP {e.code}: {e.read().decode(errors='replace')[:200]}") from None
-    except (urllib.error.URLError, TimeoutError, ValueError, KeyError, IndexError) as e:
-        raise UserError(f"judge {url}: {type(e).__name__}: {e}") from None
-    number = re.search(r"\d+", answer or "")
-    return min(int(number.group()), 100) if number else None
-
-
-def score_rows(rows: list[dict], judge_url: str = "", judge_model: str = "") -> dict:
-    """Adds rougeL (and judge_score with a judge) to every {prompt, reference, response} row; the means."""
-    for row in rows:
-        row["rougeL"] = rouge_l(row["reference"], row["response"])
-    scores = {"test_records": len(rows), "rougeL": float(np.mean([r["rougeL"] for r in rows])) if rows else None}
-    if judge_url:
-        if not judge_model:
-            raise UserError("judge_url needs judge_model (the judge's model name on that server)")
-        for row in tqdm(rows, desc="judge", dynamic_ncols=True):
-            row["judge_score"] = judge_score(judge_url, judge_model, row["prompt"], row["reference"], row["response"])
-        judged = [r["judge_score"] for r in rows if r["judge_score"] is not None]
-        scores.update(judge_model=judge_model, judge_score=float(np.mean(judged)) if judged else None,
-                      judge_unscored=len(rows) - len(judged))
-    return scores
-
-
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # replaced whole: an interrupted write loses nothing
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    os.replace(tmp, path)
-
-
-def answer_test_split(model, tokenizer, chats: list[list[dict]], cfg: SFTConfig, path: Path) -> dict:
-    """Greedy replies to the test chats written to `path` (JSON lines), then scored and written again.
-
-    `prompt` is the chat before the reply as the template writes it (for Alpaca: the instruction and
-    input under the opening sentence, what the article gave its judge); `reference` is the record's reply.
-    """
-    prompts = [chat_prompt_ids(tokenizer, chat[:-1]) for chat in chats]
-    replies = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                       batch_size=cfg.generation_batch_size)
-    rows = [{"prompt": tokenizer.apply_chat_template(chat[:-1], tokenize=False), "reference": chat[-1]["content"],
-             "response": reply.strip()} for chat, reply in zip(chats, replies)]
-    write_jsonl(rows, path)  # before the judge: replies survive a judge that fails
-    scores = score_rows(rows, cfg.judge_url, cfg.judge_model)
-    write_jsonl(rows, path)
-    return scores
-
-
-def add_base_replies(base_model, tokenizer, chats: list[list[dict]], cfg: SFTConfig, path: Path) -> None:
-    """The base model's greedy replies to the first test chats, prompted through the tuned model's template
-    (the same tokens), added to their rows in `path` as base_response."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [chat_prompt_ids(tokenizer, chat[:-1]) for chat in chats]
-    replies = generate(base_model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                       batch_size=cfg.generation_batch_size)
-    for row, reply in zip(rows, replies):
-        row["base_response"] = reply.strip()
-    write_jsonl(rows, path)
-
-
-def add_to_summary(output_dir: Path, key: str, values: dict) -> None:
-    """summary.json (written by the engine) gains the test scores, so one file describes the run."""
-    path = Path(output_dir) / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    summary[key] = values
-    path.write_text(json.dumps(summary, indent=2))

@@ -6,11 +6,11 @@ shapes (scripts/reference_gpt2.py), measured in the same process on the same bat
     python scripts/benchmark.py --config configs/gpt2-small.yaml                      # random tokens, GPU speed
     python scripts/benchmark.py --config configs/gpt2-small.yaml --attn_implementation flex_attention \\
         --fused_cross_entropy --micro_batch_size 64
-    python scripts/benchmark.py --config configs/gpt2-small.yaml --data config    # the config's dataset, real loader
+    python scripts/benchmark.py --config configs/gpt2-small.yaml --benchmark_data config  # the config's dataset, real loader
     python scripts/benchmark.py --config configs/gpt2-small.yaml --benchmark loader --dataset data/shards  # CPU side
     python scripts/benchmark.py --config configs/gpt2-small.yaml --benchmark reference  # the yardstick alone
 
-`--data random` (the default for `--benchmark train`) feeds random tokens cut into documents of random
+`--benchmark_data random` (the default for `--benchmark train`) feeds random tokens cut into documents of random
 length, so the document mask is exercised exactly as with real data while the CPU does no work at all.
 """
 
@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
@@ -37,7 +38,7 @@ H100_BF16_DENSE_TFLOPS = 989.0  # datasheet peak (SXM); the measured matmul ceil
 @dataclass
 class BenchmarkConfig(PretrainConfig):
     output_dir: str = "runs/benchmark"
-    data: str = field(default="random", metadata={"help": "train benchmark: random | config (the --dataset, real loader)"})
+    benchmark_data: str = field(default="random", metadata={"help": "train benchmark: random | config (the --dataset, real loader)"})
     benchmark: str = field(default="train", metadata={
         "help": "train (GPU step) | loader (data pipeline only) | reference (the hand-written GPT-2 alone)"})
     reference_tokens_per_s: float = field(default=0.0, metadata={
@@ -47,6 +48,8 @@ class BenchmarkConfig(PretrainConfig):
     benchmark_steps: int = 10
     benchmark_warmup_steps: int = 3
     mean_document_tokens: int = field(default=700, metadata={"help": "Random data: mean document length."})
+
+    renamed: ClassVar[dict[str, str]] = {**PretrainConfig.renamed, "data": "benchmark_data"}
 
 
 def random_batches(cfg, vocab_size: int, eos: int, count: int = 8) -> list[dict]:
@@ -71,12 +74,14 @@ def flops_per_token(model, cfg) -> float:
 
 
 def data_source(cfg):
-    if cfg.benchmark == "train" and cfg.data == "random":
+    if cfg.benchmark == "train" and cfg.benchmark_data == "random":
         return None
     from hf_gpt.data import PretrainData
-    from hf_gpt.tokenizer import load_tokenizer
+    from hf_gpt.loading import load_tokenizer
 
-    return PretrainData(cfg, load_tokenizer(cfg.tokenizer))
+    data = PretrainData(cfg, tokenizer=None)
+    data.tokenizer = load_tokenizer(data.tokenizer_name)
+    return data
 
 
 def benchmark_loader(cfg) -> dict:

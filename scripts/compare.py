@@ -1,13 +1,13 @@
 """Put any models side by side on the same data: held-out loss/perplexity/bits per byte, HellaSwag,
 LAMBADA, WikiText (as lm-evaluation-harness scores them), greedy samples and generation speed.
 
-    python scripts/compare.py runs/gpt2-small/final openai-community/gpt2 runs/me/adapter --out reports/cmp
-    python scripts/compare.py runs/a/final runs/b/final --text held_out.txt --out reports/ab   # offline
-    python scripts/compare.py runs/a/final openai-community/gpt2 --limit 200                   # quick look
+    python scripts/compare.py runs/gpt2-small/final openai-community/gpt2 runs/me/adapter --output_dir reports/cmp
+    python scripts/compare.py runs/a/final runs/b/final --dataset held_out.txt --output_dir reports/ab   # offline
+    python scripts/compare.py runs/a/final openai-community/gpt2 --limit 200                             # quick look
 
 A model is a Hub id, a Hub-format folder (runs/<name>/final) or a PEFT adapter folder (runs/<name>/adapter,
 loaded on the base model its adapter_config.json names). Writes report.md, comparison.png and
-results.json into --out. docs/compare.md explains every figure.
+results.json into --output_dir. docs/compare.md explains every figure.
 """
 
 import argparse
@@ -20,29 +20,33 @@ import torch  # noqa: E402
 
 from hf_gpt.benchmarks import DEFAULT_TEXT  # noqa: E402
 from hf_gpt.compare import TASKS, compare, metrics_table, prepare_data, resolve_tasks  # noqa: E402
-from hf_gpt.config import UserError, run_cli  # noqa: E402
+from hf_gpt.config import ScriptParser, UserError, run_cli  # noqa: E402
+
+# Flags named otherwise before every script took the same vocabulary: refused with the new name.
+RENAMED = {"out": "output_dir", "text": "dataset", "text-config": "dataset_config", "text-split": "dataset_split",
+           "text-holdout": "val_fraction", "text-docs": "max_documents"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, renamed=RENAMED)
     p.add_argument("models", nargs="+", help="Hub ids, model folders or PEFT adapter folders.")
-    p.add_argument("--out", default="reports/compare", help="Folder for report.md, comparison.png, results.json.")
+    p.add_argument("--output_dir", default="reports/compare", help="Folder for report.md, comparison.png, results.json.")
     p.add_argument("--tasks", default="auto",
                    help=f"Comma-separated, from {','.join(TASKS)}. 'auto' (default): the tasks whose data you "
                         "passed as files, plus generate; all of them (data from the Hub) when you passed none.")
     p.add_argument("--limit", type=int, help="At most N items (documents) per task, for a quick run.")
     d = p.add_argument_group("data: a local file instead of the Hub dataset lm-eval uses",
                              "The --hellaswag, --lambada and --wikitext files may be compressed (.gz, .xz, .bz2).")
-    d.add_argument("--text", help=f"Held-out text: a file (.txt is one document; .jsonl/.parquet: --text-column), "
-                                  f"a folder, or a Hub dataset id. Default: {DEFAULT_TEXT['name']} "
-                                  f"({DEFAULT_TEXT['config']}), the documents the gpt2-small recipe holds out.")
-    d.add_argument("--text-config", default="", help="Hub dataset config of --text.")
-    d.add_argument("--text-split", default="train", help="Split of --text on the Hub.")
-    d.add_argument("--text-column", default="text")
-    d.add_argument("--text-holdout", type=float,
-                   help=f"Only documents held out by hash at this fraction (hf_gpt.data.in_holdout). "
-                        f"Default: 0 (all) for --text, {DEFAULT_TEXT['holdout']} for the default text.")
-    d.add_argument("--text-docs", type=int, default=100, help="Number of held-out documents (default 100).")
+    d.add_argument("--dataset", help=f"Held-out text: a file (.txt is one document; .jsonl/.parquet: --text_column), "
+                                     f"a folder, or a Hub dataset id. Default: {DEFAULT_TEXT['name']} "
+                                     f"({DEFAULT_TEXT['config']}), the documents the gpt2-small recipe holds out.")
+    d.add_argument("--dataset_config", default="", help="Hub dataset config of --dataset.")
+    d.add_argument("--dataset_split", default="train", help="Split of --dataset on the Hub.")
+    d.add_argument("--text_column", default="text")
+    d.add_argument("--val_fraction", type=float,
+                   help=f"Only documents held out by hash at this fraction (the model's training val_fraction). "
+                        f"Default: 0 (all) for --dataset, {DEFAULT_TEXT['holdout']} for the default text.")
+    d.add_argument("--max_documents", type=int, default=100, help="Number of held-out documents.")
     d.add_argument("--hellaswag", help="JSON Lines with Rowan/hellaswag's fields (activity_label, ctx_a, ctx_b, "
                                        "endings, label), or with ctx in place of ctx_a and ctx_b.")
     d.add_argument("--lambada", help="JSON Lines with EleutherAI/lambada_openai's field 'text'.")
@@ -51,9 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                       "dataset splits it; or a .txt file (one page).")
     g = p.add_argument_group("samples")
     g.add_argument("--prompts", help="Text file, one prompt per line (default: five fixed prompts).")
-    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--max_new_tokens", type=int, default=40)
     r = p.add_argument_group("running")
-    r.add_argument("--batch-size", type=int, default=16, help="Sequences per forward pass.")
+    r.add_argument("--batch_size", type=int, default=16, help="Sequences per forward pass.")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="float32 (default) gives the figures lm-eval gives; half precision is faster on a GPU.")
@@ -62,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main():
     args = parse_args()
-    files = {"text": args.text, "hellaswag": args.hellaswag, "lambada": args.lambada, "wikitext": args.wikitext}
+    files = {"text": args.dataset, "hellaswag": args.hellaswag, "lambada": args.lambada, "wikitext": args.wikitext}
     tasks = resolve_tasks(args.tasks, files)
     prompts = None
     if args.prompts:
@@ -70,10 +74,10 @@ def main():
             raise UserError(f"--prompts: file not found: {args.prompts}")
         prompts = [line for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
     print(f"tasks: {', '.join(tasks)}")
-    data = prepare_data(tasks, files=files, limit=args.limit, text_config=args.text_config,
-                        text_split=args.text_split, text_column=args.text_column, text_holdout=args.text_holdout,
-                        text_docs=args.text_docs, prompts=prompts, max_new_tokens=args.max_new_tokens)
-    out = Path(args.out)
+    data = prepare_data(tasks, files=files, limit=args.limit, dataset_config=args.dataset_config,
+                        dataset_split=args.dataset_split, text_column=args.text_column, val_fraction=args.val_fraction,
+                        max_documents=args.max_documents, prompts=prompts, max_new_tokens=args.max_new_tokens)
+    out = Path(args.output_dir)
     report = compare(args.models, data, out, device=args.device, dtype=getattr(torch, args.dtype),
                      batch_size=args.batch_size)
     print()

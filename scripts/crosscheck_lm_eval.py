@@ -1,10 +1,10 @@
 """Check that scripts/compare.py gives the numbers EleutherAI's lm-evaluation-harness gives, offline, on a CPU.
 
-    python -m venv --system-site-packages /tmp/lmeval && /tmp/lmeval/bin/pip install lm-eval
+    python -m venv --system-site-packages /tmp/lmeval && /tmp/lmeval/bin/pip install "lm-eval>=0.4.13"
     /tmp/lmeval/bin/python scripts/crosscheck_lm_eval.py                       # ~2 minutes on 2 cores
     /tmp/lmeval/bin/python scripts/crosscheck_lm_eval.py --tokenizer DIR       # e.g. GPT-2's own BPE
 
-No Hub access is needed. Into --workdir it writes:
+No Hub access is needed. Into --output_dir it writes:
 - a small GPT-2 (128 positions, so documents span several rolling windows),
   trained for a few hundred steps on CPython's own documentation (pydoc_data) with a BPE learnt
   on it, and a LoRA adapter trained on top of it;
@@ -17,10 +17,9 @@ Then it scores both models twice: with lm-eval's own task configs (hellaswag, la
 wikitext; `include`d and pointed at the local files) and with scripts/compare.py, and compares
 (1) every request: the context/continuation strings must be identical and the log-likelihoods equal
 to within --atol, and (2) every reported figure, to within --rtol. Exit status 1 if anything disagrees.
-lm-eval is only needed here, never by hf_gpt itself.
+lm-eval is only needed here (requirements-optional.txt), never by hf_gpt itself.
 """
 
-import argparse
 import json
 import math
 import random
@@ -35,8 +34,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, no install needed
 import torch  # noqa: E402
 
 from hf_gpt.benchmarks import hellaswag_item, lambada_pair, wikitext_detokenize  # noqa: E402
-from hf_gpt.evaluation import load_model, loglikelihood, rolling_loglikelihood  # noqa: E402
-from hf_gpt.tokenizer import load_tokenizer, train_bpe  # noqa: E402
+from hf_gpt.config import ScriptParser  # noqa: E402
+from hf_gpt.evaluation import loglikelihood, rolling_loglikelihood  # noqa: E402
+from hf_gpt.loading import load_model, load_tokenizer  # noqa: E402
+from hf_gpt.tokenizer import train_bpe  # noqa: E402
 
 # lm-eval's figure for each of ours: (lm-eval task, lm-eval metric key).
 FIGURES = {
@@ -186,14 +187,14 @@ def request_check(name: str, samples: dict, files: dict[str, Path]) -> list[dict
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", help="Where models and data go (default: a temporary folder).")
+    p = ScriptParser(description=__doc__, renamed={"workdir": "output_dir", "steps": "max_steps"})
+    p.add_argument("--output_dir", help="Where models and data go (default: a temporary folder).")
     p.add_argument("--tokenizer", help="A tokenizer folder to use instead of a BPE learnt here.")
-    p.add_argument("--steps", type=int, default=300, help="Training steps of the small model.")
+    p.add_argument("--max_steps", type=int, default=300, help="Training steps of the small model.")
     p.add_argument("--rtol", type=float, default=1e-4, help="Largest relative difference of a figure.")
     p.add_argument("--atol", type=float, default=1e-3, help="Largest difference of one log-likelihood (nats).")
     args = p.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="crosscheck-")).resolve()
+    work = Path(args.output_dir or tempfile.mkdtemp(prefix="crosscheck-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
@@ -210,7 +211,7 @@ def main():
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = GPT2LMHeadModel(config)
     print("model:")
-    train(model, tokenizer, train_texts, args.steps, 3e-3, seed=0)
+    train(model, tokenizer, train_texts, args.max_steps, 3e-3, seed=0)
     model_dir, adapter_dir = work / "model", work / "adapter"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -221,15 +222,15 @@ def main():
                                 LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc"],
                                            task_type="CAUSAL_LM"))
     print("LoRA adapter:")
-    train(peft_model, tokenizer, train_texts[-300:], args.steps // 3, 1e-2, seed=1)
+    train(peft_model, tokenizer, train_texts[-300:], args.max_steps // 3, 1e-2, seed=1)
     peft_model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
 
     files = make_data(work, held_out, seed=0)
     task_configs(work, files)
     out = work / "compare"
-    cmd = [sys.executable, str(ROOT / "scripts/compare.py"), str(model_dir), str(adapter_dir), "--out", str(out),
-           "--tasks", "text,hellaswag,lambada,wikitext", "--text", str(files["text"]), "--batch-size", "8",
+    cmd = [sys.executable, str(ROOT / "scripts/compare.py"), str(model_dir), str(adapter_dir), "--output_dir", str(out),
+           "--tasks", "text,hellaswag,lambada,wikitext", "--dataset", str(files["text"]), "--batch_size", "8",
            *[arg for task in ("hellaswag", "lambada", "wikitext") for arg in (f"--{task}", str(files[task]))]]
     subprocess.run(cmd, check=True, cwd=ROOT)
     ours = json.loads((out / "results.json").read_text())["models"]

@@ -20,16 +20,16 @@ corrected() {
   step pretrain corrected
   $L scripts/pretrain.py --config configs/english-124m.yaml --output_dir runs/english-124m
   step benchmark, the same settings: real data, then random tokens
-  python3 scripts/benchmark.py --config configs/english-124m.yaml --data config --output_dir /tmp/bench-config
-  python3 scripts/benchmark.py --config configs/english-124m.yaml --data random --output_dir /tmp/bench-random
+  python3 scripts/benchmark.py --config configs/english-124m.yaml --benchmark_data config --output_dir /tmp/bench-config
+  python3 scripts/benchmark.py --config configs/english-124m.yaml --benchmark_data random --output_dir /tmp/bench-random
   step sft
   # The recipe in bf16; if it diverges (the engine stops with one line), once more in float32.
-  $L scripts/sft.py --config configs/sft.yaml --model runs/english-124m/final --data data/instruction-data.json \
+  $L scripts/sft.py --config configs/sft.yaml --model runs/english-124m/final --dataset data/instruction-data.json \
       --output_dir runs/english-sft \
-    || $L scripts/sft.py --config configs/sft.yaml --model runs/english-124m/final --data data/instruction-data.json \
+    || $L scripts/sft.py --config configs/sft.yaml --model runs/english-124m/final --dataset data/instruction-data.json \
       --output_dir runs/english-sft-fp32 --mixed_precision no
   step lora
-  $L scripts/lora.py --config configs/lora.yaml --model runs/english-124m/final --writing data/verdict/the-verdict.txt \
+  $L scripts/lora.py --config configs/lora.yaml --model runs/english-124m/final --dataset data/verdict/the-verdict.txt \
       --split_paragraphs true --epochs 10 --learning_rate 1e-3 --output_dir runs/english-verdict
 }
 
@@ -48,8 +48,8 @@ seed > "$R/seed.log" 2>&1 &
 wait
 step compare >> "$R/corrected.log"
 CUDA_VISIBLE_DEVICES=0 python3 scripts/compare.py runs/english-124m/final runs/seed-english/final \
-    --text data/english/validation.parquet --text-docs 1000 --hellaswag data/eval/hellaswag_val.jsonl.xz \
-    --lambada data/eval/lambada_test.jsonl --wikitext data/eval/wiki.test.raw --batch-size 32 \
-    --out "$R/compare" > "$R/compare.log" 2>&1
+    --dataset data/english/validation.parquet --max_documents 1000 --hellaswag data/eval/hellaswag_val.jsonl.xz \
+    --lambada data/eval/lambada_test.jsonl --wikitext data/eval/wiki.test.raw --batch_size 32 \
+    --output_dir "$R/compare" > "$R/compare.log" 2>&1
 step done >> "$R/corrected.log"
 touch "$R/DONE"

@@ -9,20 +9,21 @@ pipeline("text-generation"); the conversation is kept (oldest turns dropped when
 until /reset. A model without a chat template continues each line as plain text.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
+import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from hf_gpt.config import UserError, run_cli  # noqa: E402
-from hf_gpt.generation import chat_prompt_ids, context_length, generate, load_for_generation  # noqa: E402
+from hf_gpt.config import ScriptParser, UserError, run_cli  # noqa: E402
+from hf_gpt.generation import chat_prompt_ids, generate  # noqa: E402
+from hf_gpt.loading import context_length, load_model  # noqa: E402
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("model", help="Model folder (e.g. runs/sft/final), Hub id, or PEFT adapter folder.")
     parser.add_argument("--prompt", help="Text to continue (with --chat: one user message).")
     parser.add_argument("--chat", action="store_true",
@@ -41,7 +42,7 @@ def parse_args():
 def main():
     args = parse_args()
     set_seed(args.seed)
-    model, tokenizer = load_for_generation(args.model)
+    model, tokenizer = load_model(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                    top_k=args.top_k)
     chat = args.chat and tokenizer.chat_template is not None
@@ -52,7 +53,7 @@ def main():
         if not chat:
             return generate(model, tokenizer, [tokenizer(messages[-1]["content"])["input_ids"]], **options)[0]
         # Drop the oldest exchanges until the prompt leaves room for a reply (half the context at least).
-        context = context_length(model.config)
+        context = context_length(model, tokenizer)
         room = context - min(args.max_new_tokens, context // 2)
         while len(messages) > 1 and len(chat_prompt_ids(tokenizer, messages)) > room:
             del messages[:2]

@@ -1,8 +1,8 @@
 """LoRA on your own writing: adapt a model to a person's style, and report what it changed.
 
-    accelerate launch scripts/lora.py --model runs/sft/final --writing ~/notes --output_dir runs/me
-    accelerate launch scripts/lora.py --config configs/lora.yaml --model M --writing DIR --trigger_token '<|me|>' --merge
-    accelerate launch scripts/lora.py --model M --writing story.txt --split_paragraphs   # one long text
+    accelerate launch scripts/lora.py --model runs/sft/final --dataset ~/notes --output_dir runs/me
+    accelerate launch scripts/lora.py --config configs/lora.yaml --model M --dataset DIR --trigger_token '<|me|>' --merge
+    accelerate launch scripts/lora.py --model M --dataset story.txt --split_paragraphs   # one long text
 
 Writes <output_dir>/adapter (PEFT: loads with AutoPeftModelForCausalLM), report.md / report.json
 (held-out perplexity, base against adapted: numbers only), samples.private.md (generated text: keep
@@ -15,7 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
 from hf_gpt.config import load_config, run_cli  # noqa: E402
-from hf_gpt.lora import SAMPLES_FILE, LoraRunConfig, run_lora  # noqa: E402
+from hf_gpt.lora import LoraRunConfig  # noqa: E402
+from hf_gpt.lora_report import SAMPLES_FILE  # noqa: E402
+from hf_gpt.recipes import run_lora  # noqa: E402
 
 
 def main():

@@ -4,18 +4,17 @@
     python scripts/plot_curves.py runs/a runs/b --labels "ours" "the article's" --out curves.png
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
-from hf_gpt.config import UserError, run_cli  # noqa: E402
+from hf_gpt.config import ScriptParser, UserError, run_cli  # noqa: E402
 from hf_gpt.metrics_log import MetricsLog  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("runs", nargs="+", help="Run folders (each with metrics.jsonl).")
     parser.add_argument("--labels", nargs="+", help="One label per run (default: the folder names).")
     parser.add_argument("--out", default="curves.png")

@@ -17,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
-from hf_gpt.config import run_cli  # noqa: E402
+from hf_gpt.config import ScriptParser, run_cli  # noqa: E402
 from hf_gpt.hub import check_names, prepare_folder, push_folder, read_folder, results_row  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__)
     p.add_argument("folder", help="A run's final/ (Hub-format model) or adapter/ (PEFT LoRA adapter).")
     p.add_argument("--repo", required=True, help="Hub repo id: owner/name, or name for your own account.")
     visibility = p.add_mutually_exclusive_group()

@@ -6,19 +6,18 @@ For replies written where no judge could be reached (a GPU box): the file gains 
 and the run's summary.json the means.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
-from hf_gpt.config import UserError, run_cli  # noqa: E402
-from hf_gpt.sft import add_to_summary, score_rows, write_jsonl  # noqa: E402
+from hf_gpt.config import ScriptParser, UserError, run_cli  # noqa: E402
+from hf_gpt.scoring import add_to_summary, score_rows, write_jsonl  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("responses", help="A test_responses.jsonl written by scripts/sft.py.")
     parser.add_argument("--judge_url", default="", help="OpenAI-compatible endpoint, e.g. http://localhost:11434/v1.")
     parser.add_argument("--judge_model", default="", help="The judge's model name on that server.")

@@ -1,7 +1,7 @@
 """Instruction-tune a GPT-2 (this project's or OpenAI's) on Alpaca-style records; loss on the replies only.
 
     accelerate launch scripts/sft.py --config configs/sft.yaml --model runs/gpt2-small/final
-    accelerate launch scripts/sft.py --config configs/sft.yaml --model openai-community/gpt2 --data my.jsonl
+    accelerate launch scripts/sft.py --config configs/sft.yaml --model openai-community/gpt2 --dataset my.jsonl
     python scripts/generate.py runs/sft/final --chat        # talk to it
 
 After training, the test split's replies go to <output_dir>/test_responses.jsonl with ROUGE-L, and with
@@ -15,38 +15,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
 from hf_gpt.config import load_config, run_cli  # noqa: E402
-from hf_gpt.engine import start_run, train  # noqa: E402
-from hf_gpt.generation import context_length, load_for_generation  # noqa: E402
-from hf_gpt.sft import (SFTConfig, SFTData, add_base_replies, add_to_summary, answer_test_split,  # noqa: E402
-                        check_config, load_base_model, prepare_tokenizer, resolve_chat_template)
-from hf_gpt.tokenizer import load_tokenizer  # noqa: E402
+from hf_gpt.recipes import run_sft  # noqa: E402
+from hf_gpt.sft import SFTConfig  # noqa: E402
 
 
 def main():
     cfg = load_config(SFTConfig, description=__doc__)
-    check_config(cfg)
-    accelerator = start_run(cfg)
-    tokenizer = prepare_tokenizer(load_tokenizer(cfg.model), resolve_chat_template(cfg.chat_template))
-    model = load_base_model(cfg, tokenizer)
-    data = SFTData(cfg, tokenizer, context_length(model.config))
-    accelerator.print(data.summary())
-    # An epoch is a number of optimizer steps only once the data is known: set both here.
-    steps_per_epoch = data.steps_per_epoch(accelerator.num_processes, cfg.gradient_accumulation_steps or 1)
-    cfg.max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    cfg.eval_every = cfg.eval_every or steps_per_epoch
-    result = train(cfg, model, tokenizer, data, accelerator,
-                   info={"recipe": "sft", "base_model": cfg.model, "datasets": [cfg.data], "data": data.counts})
-    if result.stopped_early or not accelerator.is_main_process:
+    done = run_sft(cfg)
+    if done is None:
         return
+    result, scores = done
     wrote = "final/ (Hub format, with the chat template), metrics.jsonl, loss.png, summary.json, config.yaml"
-    if data.test:
-        model, tokenizer = load_for_generation(str(result.final_dir), accelerator.device)
-        replies = result.output_dir / "test_responses.jsonl"
-        scores = answer_test_split(model, tokenizer, data.test, cfg, replies)
-        if cfg.base_replies:
-            base, _ = load_for_generation(cfg.model, accelerator.device)
-            add_base_replies(base, tokenizer, data.test[:cfg.base_replies], cfg, replies)
-        add_to_summary(result.output_dir, "test", scores)
+    if scores:
         line = f"test: {scores['test_records']} replies, ROUGE-L {scores['rougeL']:.4f}"
         if "judge_score" in scores:
             line += f", judge ({cfg.judge_model}) {scores['judge_score']} / 100"

@@ -45,7 +45,7 @@ def tokenizer_dir(corpus, tmp_path_factory) -> Path:
 def tiny_args(corpus, tokenizer_dir) -> list[str]:
     """A GPT-2 of 2 layers x 32 wide on the test corpus: about 30 ms a step on a CPU."""
     return ["--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--n_layer", "2", "--n_head", "2",
-            "--n_embd", "32", "--block_size", "64", "--micro_batch_size", "4", "--holdout_fraction", "0.1",
+            "--n_embd", "32", "--block_size", "64", "--micro_batch_size", "4", "--val_fraction", "0.1",
             "--warmup_steps", "2", "--learning_rate", "3e-3", "--eval_every", "0", "--save_every", "0",
             "--eval_batches", "2", "--log_every", "1", "--mixed_precision", "no", "--sample_prompts", "def "]
 

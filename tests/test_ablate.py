@@ -26,7 +26,7 @@ gradient_accumulation_steps: 2
 learning_rate: 1.0e-3
 warmup_steps: 2
 dropout: 0.1
-holdout_fraction: 0.1
+val_fraction: 0.1
 eval_batches: 2
 eval_every: 0
 save_every: 0

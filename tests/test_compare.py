@@ -21,10 +21,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from conftest import run_script
 from hf_gpt.benchmarks import (hellaswag_item, load_benchmark, run_hellaswag, run_lambada, run_wikitext,
                                wikitext_detokenize)
-from hf_gpt.compare import resolve_tasks
+from hf_gpt.compare import resolve_tasks, samples_and_speed
 from hf_gpt.config import UserError
-from hf_gpt.evaluation import (encode_pair, generate, heldout_loss, load_model, loglikelihood, rolling_windows)
-from hf_gpt.tokenizer import load_tokenizer, train_bpe
+from hf_gpt.evaluation import encode_pair, heldout_loss, loglikelihood, rolling_windows
+from hf_gpt.loading import load_model, load_tokenizer
+from hf_gpt.tokenizer import train_bpe
 
 ANIMALS = {" cat": 2.0, " elephant": 1.0, " dog": 0.0, " mouse": 0.0}
 SENTENCES = ["the zoo has a cat", "the zoo has an elephant", "the zoo has a dog", "the zoo has a mouse",
@@ -208,7 +209,7 @@ def test_wikitext_word_perplexity_by_hand(uniform_dir, tokenizer):
 
 def test_greedy_samples(unigram_dir):
     model, tok = load_model(str(unigram_dir))
-    texts, speed = generate(model, tok, ["the zoo has", "a"], max_new_tokens=3)
+    texts, speed = samples_and_speed(model, tok, ["the zoo has", "a"], max_new_tokens=3)
     assert texts == [" cat cat cat"] * 2 and speed > 0
 
 
@@ -269,10 +270,10 @@ def test_compare_script_end_to_end(tmp_path, uniform_dir, unigram_dir, tokenizer
     (tmp_path / "prompts.txt").write_text("the zoo has\n")
     out = tmp_path / "report"
     result = run_script("scripts/compare.py", str(uniform_dir), str(unigram_dir),
-                        "--text", str(tmp_path / "held_out.txt"), "--hellaswag", str(tmp_path / "hs.jsonl"),
+                        "--dataset", str(tmp_path / "held_out.txt"), "--hellaswag", str(tmp_path / "hs.jsonl"),
                         "--lambada", str(tmp_path / "lambada.jsonl"),
-                        "--limit", "2", "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "2",
-                        "--out", str(out))
+                        "--limit", "2", "--prompts", str(tmp_path / "prompts.txt"), "--max_new_tokens", "2",
+                        "--output_dir", str(out))
     report = json.loads((out / "results.json").read_text())
     assert list(report["models"]) == [str(uniform_dir), str(unigram_dir)]  # names as given
     vocab = len(tokenizer)
@@ -294,7 +295,7 @@ def test_compare_script_end_to_end(tmp_path, uniform_dir, unigram_dir, tokenizer
 
 
 def test_unreachable_hub_dataset_is_one_line_and_exit_2(tmp_path, uniform_dir):
-    result = run_script("scripts/compare.py", str(uniform_dir), "--tasks", "hellaswag", "--out", str(tmp_path),
+    result = run_script("scripts/compare.py", str(uniform_dir), "--tasks", "hellaswag", "--output_dir", str(tmp_path),
                         check=False)
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]

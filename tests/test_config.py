@@ -91,3 +91,77 @@ def test_an_error_starts_a_line_of_its_own_after_a_progress_bar(capsys, before):
         run_cli(main)
     assert e.value.code == 2
     assert "\nerror: model 'x' could not be loaded\n" in capsys.readouterr().err
+
+
+def recipe_classes():
+    from hf_gpt.lora import LoraRunConfig
+    from hf_gpt.sft import SFTConfig
+
+    return [PretrainConfig, SFTConfig, LoraRunConfig]
+
+
+def test_one_vocabulary_across_recipes():
+    """A field that several recipes have is one field: the same type everywhere, and no retired name is a field."""
+    import dataclasses
+
+    types: dict[str, set] = {}
+    for cls in recipe_classes():
+        for f in dataclasses.fields(cls):
+            types.setdefault(f.name, set()).add(f.type)
+        assert not set(cls.renamed) & {f.name for f in dataclasses.fields(cls)}, cls
+        assert set(cls.renamed.values()) <= {f.name for f in dataclasses.fields(cls)}, cls
+    assert {name: t for name, t in types.items() if len(t) > 1} == {}
+    for name in ("dataset", "dataset_config", "dataset_split", "val_fraction", "epochs", "eval_batches",
+                 "max_new_tokens"):
+        assert sum(name in {f.name for f in dataclasses.fields(cls)} for cls in recipe_classes()) >= 2, name
+
+
+@pytest.mark.parametrize("recipe, old, new", [
+    ("pretrain", "holdout_fraction", "val_fraction"),
+    ("pretrain", "sample_tokens", "max_new_tokens"),
+    ("sft", "data", "dataset"),
+    ("sft", "data_split", "dataset_split"),
+    ("lora", "writing", "dataset"),
+    ("lora", "alpha", "lora_alpha"),
+])
+def test_a_retired_name_is_refused_with_its_new_one(tmp_path, recipe, old, new):
+    cls = {c.__name__: c for c in recipe_classes()}[{"pretrain": "PretrainConfig", "sft": "SFTConfig",
+                                                    "lora": "LoraRunConfig"}[recipe]]
+    with pytest.raises(UserError, match=f"^--{old} is now called --{new}$"):
+        load_config(cls, [f"--{old}", "1"])
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"{old}: 1\n")
+    with pytest.raises(UserError, match=f"r.yaml: {old} is now called {new}$"):
+        load_config(cls, ["--config", str(recipe_file)])
+
+
+def test_flags_have_one_spelling_and_are_never_abbreviated():
+    with pytest.raises(UserError, match="^--max-new-tokens is spelt --max_new_tokens$"):
+        load_config(PretrainConfig, ["--max-new-tokens", "5"])
+    with pytest.raises(SystemExit):  # argparse would otherwise take --max_new for --max_new_tokens
+        load_config(PretrainConfig, ["--max_new", "5"])
+
+
+def test_a_list_field_can_be_emptied_on_the_command_line(tmp_path):
+    assert PretrainConfig().sample_prompts
+    assert load_config(PretrainConfig, ["--sample_prompts"]).sample_prompts == []
+    assert load_config(PretrainConfig, ["--sample_prompts", "a", "b"]).sample_prompts == ["a", "b"]
+
+
+def test_help_keeps_the_usage_examples_one_per_line():
+    from conftest import run_script
+
+    for script in ("scripts/pretrain.py", "scripts/compare.py"):
+        out = run_script(script, "--help").stdout
+        examples = [line for line in out.splitlines() if line.lstrip().startswith(("accelerate launch", "python"))]
+        assert len(examples) >= 3, out[:2000]
+
+
+def test_old_script_flags_are_refused_with_the_new_one():
+    from conftest import run_script
+
+    for args, error in [(["scripts/compare.py", "some/model", "--max-new-tokens", "3", "--out", "x"],
+                         "error: --max-new-tokens is spelt --max_new_tokens"),
+                        (["scripts/prepare_data.py", "--out", "x"], "error: --out is now called --output_dir")]:
+        result = run_script(*args, check=False)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == error

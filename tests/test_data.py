@@ -5,11 +5,11 @@ import torch
 
 from hf_gpt.config import PretrainConfig, UserError
 from hf_gpt.data import PretrainData, in_holdout
-from hf_gpt.tokenizer import load_tokenizer
+from hf_gpt.loading import load_tokenizer
 
 
 def make_data(corpus, tokenizer_dir, **overrides) -> PretrainData:
-    overrides = {"crop": "", "holdout_fraction": 0.1, **overrides}
+    overrides = {"crop": "", "val_fraction": 0.1, **overrides}
     cfg = PretrainConfig(dataset=str(corpus), tokenizer=str(tokenizer_dir), block_size=64, micro_batch_size=4,
                          **overrides)
     return PretrainData(cfg, load_tokenizer(str(tokenizer_dir)))
@@ -138,6 +138,6 @@ def test_validation_is_one_pass_over_whole_documents_for_every_recipe(corpus, to
 
 
 def test_an_empty_validation_split_is_named(tmp_path, corpus, tokenizer_dir):
-    with pytest.raises(UserError, match=r"no document is held out for validation at holdout_fraction 1e-05; "
-                                        r"raise --holdout_fraction"):
-        make_data(corpus, tokenizer_dir, holdout_fraction=0.00001).eval_batches(0, 1)
+    with pytest.raises(UserError, match=r"no document is held out for validation at val_fraction 1e-05; "
+                                        r"raise --val_fraction"):
+        make_data(corpus, tokenizer_dir, val_fraction=0.00001).eval_batches(0, 1)

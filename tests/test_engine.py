@@ -16,10 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from conftest import ROOT, run_script
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
-from hf_gpt.engine import RunResult, checkpoint_dirs, recover_folders, save_checkpoint, save_final, start_run, train
+from hf_gpt.engine import RunResult, checkpoint_dirs, run_length, save_checkpoint, save_final, start_run, train
+from hf_gpt.files import recover_folders
+from hf_gpt.loading import load_tokenizer
 from hf_gpt.metrics_log import MetricsLog
 from hf_gpt.model import build_model
-from hf_gpt.tokenizer import load_tokenizer
 
 STEPS = 40
 
@@ -39,7 +40,7 @@ def straight_run(tmp_path_factory, corpus, tokenizer_dir):
 
 def module_args(corpus, tokenizer_dir):
     return ["--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--n_layer", "2", "--n_head", "2",
-            "--n_embd", "32", "--block_size", "64", "--micro_batch_size", "4", "--holdout_fraction", "0.1",
+            "--n_embd", "32", "--block_size", "64", "--micro_batch_size", "4", "--val_fraction", "0.1",
             "--warmup_steps", "2", "--learning_rate", "3e-3", "--eval_every", "0", "--eval_batches", "2",
             "--mixed_precision", "no", "--sample_prompts", "def ",
             "--dropout", "0.1", "--crop", "random",  # dropout and crop: resume must restore their RNGs
@@ -314,6 +315,20 @@ def test_accumulation_equals_one_large_batch(tiny_args, tmp_path, wrapper):
         torch.testing.assert_close(small[name] - initial[name], big[name] - initial[name], atol=1e-6, rtol=1e-4)
 
 
+def test_the_run_length_is_max_steps_else_max_tokens_else_epochs():
+    from dataclasses import replace
+
+    cfg = PretrainConfig(max_steps=0, max_tokens=0, epochs=3)
+    assert run_length(cfg, 256, 7 / 3) == 7  # 3 passes of 7/3 steps: 7, not 8 by a rounding error
+    assert run_length(replace(cfg, epochs=0.5), 256, 3) == 2
+    assert run_length(replace(cfg, max_tokens=2600), 256, 7 / 3) == 10
+    assert run_length(replace(cfg, max_steps=5, max_tokens=2600), 256, None) == 5
+    with pytest.raises(UserError, match="epochs needs data of known size"):
+        run_length(cfg, 256, None)  # a streamed corpus
+    with pytest.raises(UserError, match="set max_steps, max_tokens or epochs"):
+        run_length(replace(cfg, epochs=0), 256, 3)
+
+
 def test_an_existing_run_is_never_overwritten(straight_run):
     run, args = straight_run
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
@@ -448,11 +463,11 @@ def test_a_launched_run_ends_on_its_error_line_with_quiet(tiny_args, tmp_path):
 
 def test_an_empty_validation_split_stops_the_run_before_training(tiny_args, tmp_path):
     run = tmp_path / "run"
-    result = run_script("scripts/pretrain.py", *tiny_args, "--holdout_fraction", "0.0005", "--max_steps", "50",
+    result = run_script("scripts/pretrain.py", *tiny_args, "--val_fraction", "0.0005", "--max_steps", "50",
                         "--output_dir", str(run), check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: dataset ") and "holdout_fraction 0.0005" in last and "--eval_split" in last
+    assert last.startswith("error: dataset ") and "val_fraction 0.0005" in last and "--eval_split" in last
     assert "Traceback" not in result.stderr
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()  # no step was trained
 

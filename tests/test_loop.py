@@ -5,7 +5,6 @@ stream on resume, and a non-finite gradient at a finite loss."""
 import json
 import math
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,9 +16,9 @@ from conftest import run_script
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
 from hf_gpt.engine import checkpoint_dirs, evaluate, start_run, train
+from hf_gpt.loading import load_tokenizer
 from hf_gpt.model import build_model
 from hf_gpt.optim import build_scheduler
-from hf_gpt.tokenizer import load_tokenizer
 from test_engine import in_process_run, launch_two, losses
 
 
@@ -93,9 +92,8 @@ def test_evaluation_runs_the_model_in_eval_mode():
                                        resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": ids, "labels": ids}]
-    one_process = SimpleNamespace(device=torch.device("cpu"), reduce=lambda tensor, op: tensor)
     model.train()
-    first, second = (evaluate(model, batches, torch.ones(64), one_process, "sdpa")["val_loss"] for _ in range(2))
+    first, second = (evaluate(model, batches, torch.ones(64), "sdpa")["val_loss"] for _ in range(2))
     assert model.training  # left as it was found
     model.eval()
     with torch.no_grad():
@@ -120,7 +118,7 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(tiny_args, tmp_path):
 def test_token_shards_resume_exactly(corpus, tokenizer_dir, tiny_args, tmp_path):
     shards = tmp_path / "shards"
     run_script("scripts/prepare_data.py", "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir),
-               "--holdout_fraction", "0.1", "--shard_tokens", "1000", "--out", str(shards))
+               "--val_fraction", "0.1", "--shard_tokens", "1000", "--output_dir", str(shards))
     args = [*tiny_args, "--dataset", str(shards), "--max_steps", "12", "--save_every", "4", "--keep_checkpoints", "0"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_script("scripts/pretrain.py", *args, "--output_dir", str(straight))

@@ -17,10 +17,11 @@ from conftest import ROOT, run_script
 from hf_gpt import lora
 from hf_gpt.config import UserError, load_config, run_cli
 from hf_gpt.engine import evaluate
-from hf_gpt.evaluation import token_byte_lengths
-from hf_gpt.lora import (LoraRunConfig, WritingData, pack_documents, read_writing, run_lora, split_documents,
-                         _ThisProcess, as_documents)
-from hf_gpt.tokenizer import load_tokenizer
+from hf_gpt.loading import load_tokenizer
+from hf_gpt.lora import LoraRunConfig, WritingData, as_documents, pack_documents
+from hf_gpt.recipes import run_lora
+from hf_gpt.tokenizer import token_byte_lengths
+from hf_gpt.writing import read_writing, split_documents
 
 WRITING = ROOT / "tests" / "data" / "writing"
 NOTES = sorted(p for p in WRITING.rglob("*") if p.suffix in (".txt", ".md") and p.name not in (
@@ -42,8 +43,8 @@ def make_base(folder: Path, tokenizer_dir: Path, spare_rows: int, initializer_ra
 
 
 def run_args(base: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", str(base), "--writing", str(WRITING), "--output_dir", str(out), "--block_size", "64",
-            "--mixed_precision", "no", "--learning_rate", "1e-2", "--log_every", "5", "--sample_tokens", "12", *extra]
+    return ["--model", str(base), "--dataset", str(WRITING), "--output_dir", str(out), "--block_size", "64",
+            "--mixed_precision", "no", "--learning_rate", "1e-2", "--log_every", "5", "--max_new_tokens", "12", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def test_report_measures_base_against_adapted(trigger_run, tokenizer_dir):
     batches = pack_documents(as_documents(ids, tokenizer.eos_token_id), block_size=64,
                              micro_batch_size=cfg.micro_batch_size, eos=tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_pretrained(base)
-    expected = evaluate(model, batches, token_byte_lengths(tokenizer, 576), _ThisProcess(torch.device("cpu")), "sdpa")
+    expected = evaluate(model, batches, token_byte_lengths(tokenizer, 576), "sdpa")
     assert h["base"] == pytest.approx(expected["val_ppl"], rel=1e-6)
     # Before training: what the run will cost, in one line (20 steps of 4 x 64 tokens; each document after
     # its EOS and the trigger).
@@ -241,8 +242,8 @@ def test_trigger_alone_leaves_text_without_it_unchanged(tmp_path, tokenizer_dir,
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--writing", "no/such/notes"], "writing not found: no/such/notes"),
-    (["--writing", "EMPTY"], "no text to learn from in it (0 documents from 0 files (skipped 1 binary, 1 hidden))"),
+    (["--dataset", "no/such/notes"], "writing not found: no/such/notes"),
+    (["--dataset", "EMPTY"], "no text to learn from in it (0 documents from 0 files (skipped 1 binary, 1 hidden))"),
     (["--target_modules", "q_proj"], "PEFT could not wrap"),
     (["--r", "0"], "set --trigger_token too"),
 ])
@@ -279,13 +280,13 @@ def refusal(cfg: LoraRunConfig, capsys) -> str:
 ], ids=["long file", "long paragraph", "too much writing"])
 def test_oversized_writing_is_refused_before_anything_is_made(tmp_path, tokenizer_dir, monkeypatch, capsys,
                                                               limit, value, extra, message):
-    monkeypatch.setattr(lora, limit, value)
+    monkeypatch.setattr(f"hf_gpt.writing.{limit}", value)
     writing = tmp_path / "writing"
     writing.mkdir()
     (writing / "a-note.txt").write_text("A short note about the tide.\n\nAnother paragraph.")
     (writing / "line.txt").write_text("x" * 6_000)
     base = make_base(tmp_path / "base", tokenizer_dir, spare_rows=0)
-    cfg = load_config(LoraRunConfig, run_args(base, tmp_path / "run", "--writing", str(writing), *extra))
+    cfg = load_config(LoraRunConfig, run_args(base, tmp_path / "run", "--dataset", str(writing), *extra))
     assert message in refusal(cfg, capsys)
     assert not (tmp_path / "run").exists()
 

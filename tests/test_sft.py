@@ -7,17 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
 from conftest import ROOT, run_script
 from hf_gpt.config import UserError
 from hf_gpt.engine import model_inputs, target_count
-from hf_gpt.generation import chat_prompt_ids, generate, load_for_generation
+from hf_gpt.generation import chat_prompt_ids, generate
+from hf_gpt.loading import load_model, load_tokenizer
 from hf_gpt.model import causal_lm_loss
-from hf_gpt.sft import (ALPACA_TEMPLATE, JUDGE_PROMPT, SFTConfig, SFTData, check_config, collate, encode_chat,
-                        judge_score, pack, prepare_tokenizer, read_records, resolve_chat_template, rouge_l,
-                        split_records, to_messages)
-from hf_gpt.tokenizer import load_tokenizer
+from hf_gpt.scoring import JUDGE_PROMPT, judge_score, rouge_l
+from hf_gpt.sft import (ALPACA_TEMPLATE, SFTConfig, SFTData, check_config, collate, encode_chat, pack, read_records,
+                        resolve_chat_template, split_records, to_messages, with_chat_template)
 
 RECORDS = ROOT / "tests" / "data" / "instructions.json"
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -46,7 +47,7 @@ def base_model(tokenizer_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(base_model):
-    return prepare_tokenizer(load_tokenizer(str(base_model)), ALPACA_TEMPLATE)
+    return with_chat_template(load_tokenizer(str(base_model)), ALPACA_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def chat_model(base_model, tokenizer, tmp_path_factory) -> Path:
 
 
 def sft_config(base_model, **overrides) -> SFTConfig:
-    return SFTConfig(model=str(base_model), data=str(RECORDS), **{"micro_batch_size": 4, **overrides})
+    return SFTConfig(model=str(base_model), dataset=str(RECORDS), **{"micro_batch_size": 4, **overrides})
 
 
 def test_alpaca_template_writes_the_articles_prompt(tokenizer):
@@ -100,16 +101,16 @@ def test_generation_loads_a_peft_adapter_with_its_base_models_tokenizer(chat_mod
     adapter = tmp_path / "adapter"
     base = AutoModelForCausalLM.from_pretrained(chat_model)
     get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(adapter)
-    model, tokenizer = load_for_generation(str(adapter), "cpu")
+    model, tokenizer = load_model(str(adapter))
     assert type(model).__name__ == "PeftModelForCausalLM" and tokenizer.chat_template == ALPACA_TEMPLATE
-    plain, _ = load_for_generation(str(chat_model), "cpu")
+    plain, _ = load_model(str(chat_model))
     prompt = [chat_prompt_ids(tokenizer, CHATS[1][:1])]
     # A fresh LoRA adapter adds zero (its B matrix starts at 0): the replies are the base model's.
     assert generate(model, tokenizer, prompt, max_new_tokens=6) == generate(plain, tokenizer, prompt, max_new_tokens=6)
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(chat_model):
-    model, tokenizer = load_for_generation(str(chat_model), "cpu")
+    model, tokenizer = load_model(str(chat_model))
     prompts = [chat_prompt_ids(tokenizer, chat[:-1]) for chat in CHATS]  # three lengths: left padding differs
     alone = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=1)
     assert generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3) == alone
@@ -259,7 +260,7 @@ def test_rouge_l_is_the_longest_common_word_subsequence():
 def test_bad_data_stops_the_script_with_one_line(base_model, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ["d"]}\n')
-    result = run_script("scripts/sft.py", "--model", str(base_model), "--data", str(data), "--output_dir",
+    result = run_script("scripts/sft.py", "--model", str(base_model), "--dataset", str(data), "--output_dir",
                         str(tmp_path / "run"), "--mixed_precision", "no", check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -270,7 +271,7 @@ def test_bad_data_stops_the_script_with_one_line(base_model, tmp_path):
 def test_a_folder_without_a_model_is_named_as_the_model(tmp_path):
     (tmp_path / "notes").mkdir()
     with pytest.raises(UserError, match=r"^model '.*notes' could not be loaded: the folder has none of config.json"):
-        check_config(SFTConfig(model=str(tmp_path / "notes"), data=str(RECORDS)))
+        check_config(SFTConfig(model=str(tmp_path / "notes"), dataset=str(RECORDS)))
 
 
 def test_overlong_records_are_truncated_or_dropped_and_counted(tokenizer, base_model):
@@ -402,7 +403,7 @@ def test_judge_scores_on_the_articles_scale(judge):
 def test_sft_script_end_to_end(base_model, tmp_path, judge):
     server = judge("90")
     out = tmp_path / "sft"
-    result = run_script("scripts/sft.py", "--model", str(base_model), "--data", str(RECORDS), "--output_dir", str(out),
+    result = run_script("scripts/sft.py", "--model", str(base_model), "--dataset", str(RECORDS), "--output_dir", str(out),
                         "--micro_batch_size", "6", "--epochs", "2", "--learning_rate", "3e-3",
                         "--mixed_precision", "no", "--max_new_tokens", "12", "--log_every", "1",
                         "--judge_url", server.url, "--judge_model", "stand-in")
@@ -431,7 +432,9 @@ def test_sft_script_end_to_end(base_model, tmp_path, judge):
     assert ["base_response" in r for r in replies] == [True] * 4  # base_replies 5 > 4 test records
     assert len(server.requests) == 4
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["recipe"] == "sft" and summary["eval"]["val_loss"] > 0
+    assert summary["recipe"] == "sft" and summary["eval"]["val_loss"] > 0 and summary["steps"] == 12
+    saved = yaml.safe_load((out / "config.yaml").read_text())  # as given: the length came from epochs, not from it
+    assert saved["max_steps"] == 0 and saved["eval_every"] == 0 and saved["epochs"] == 2
     assert summary["test"]["judge_score"] == 90 and summary["test"]["test_records"] == 4
     assert summary["test"]["rougeL"] == pytest.approx(sum(r["rougeL"] for r in replies) / 4)
 

@@ -11,11 +11,11 @@ from accelerate import Accelerator  # noqa: E402
 
 from hf_gpt.config import PretrainConfig  # noqa: E402
 from hf_gpt.data import PretrainData  # noqa: E402
-from hf_gpt.tokenizer import load_tokenizer  # noqa: E402
+from hf_gpt.loading import load_tokenizer  # noqa: E402
 
 corpus, tokenizer_dir, out = sys.argv[1:]
 state = Accelerator()  # as in the engine: process index and count from the launcher
-cfg = PretrainConfig(dataset=corpus, tokenizer=tokenizer_dir, holdout_fraction=0.1)
+cfg = PretrainConfig(dataset=corpus, tokenizer=tokenizer_dir, val_fraction=0.1)
 tokenizer = load_tokenizer(tokenizer_dir)
 data = PretrainData(cfg, tokenizer)
 documents = data._documents(False, state.process_index, state.num_processes)

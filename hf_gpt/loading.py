@@ -1,0 +1,92 @@
+"""Loading what was saved: a tokenizer, a model or a PEFT adapter, from a folder or the Hub. Every recipe and
+script loads through here, so a failure is always one line that names what could not be loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
+
+from .config import UserError, could_not_load
+from .model import attention_name
+
+# A model folder holds one of these: save_pretrained's config, or a PEFT adapter's.
+MODEL_FILES = ("config.json", "adapter_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+# lm-eval's fallback context length when neither the config nor the tokenizer names one.
+DEFAULT_CONTEXT = 2048
+
+
+def check_source(name_or_path: str, what: str, files: tuple[str, ...]) -> None:
+    """One clear line for the two usual slips, before transformers answers them obscurely: a path that does
+    not exist (taken for a malformed Hub id) and a folder that holds none of `files` (a run folder, data)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in files):
+            hint = f"; did you mean {path / 'final'}?" if (path / "final").is_dir() else ""
+            raise UserError(f"{what} '{name_or_path}' could not be loaded: the folder has none of {', '.join(files)}"
+                            f"{hint}")
+        return
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise UserError(f"{what} '{name_or_path}' could not be loaded: no such folder, and not a Hub id "
+                        "(owner/name)") from None
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """A folder's or Hub model's tokenizer; a PEFT adapter saved without one has its base model's."""
+    folder = Path(name_or_path).expanduser()
+    if (folder / "adapter_config.json").is_file() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        with could_not_load("tokenizer", name_or_path):
+            name_or_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        folder = Path(name_or_path).expanduser()
+    check_source(name_or_path, "tokenizer", TOKENIZER_FILES)
+    with could_not_load("tokenizer", name_or_path):
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() and not (
+                folder / "tokenizer_config.json").is_file():
+            # OpenAI's original release: just vocab.json + merges.txt, which AutoTokenizer cannot place.
+            tokenizer = GPT2TokenizerFast.from_pretrained(folder)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer '{name_or_path}' has no end-of-text token")
+    return tokenizer
+
+
+def load_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "sdpa", **config):
+    """(model, tokenizer) from a Hub id, a Hub-format folder, or a PEFT adapter folder; the model in eval mode.
+
+    float32 by default, also for training: mixed precision keeps float32 master weights, and from_pretrained
+    would otherwise load a bf16 checkpoint as bf16. `attn_implementation` is a config's choice (flex_attention
+    included); `config` overrides config.json entries (e.g. dropout). A folder with adapter_config.json is a
+    PEFT adapter: it is loaded on the base model its config names, with the adapter folder's tokenizer if it
+    saved one, else the base model's. AutoPeftModelForCausalLM also grows the base's embeddings when the
+    adapter's tokenizer added a token (hf_gpt.lora's trigger token).
+    """
+    path = Path(name_or_path)
+    check_source(name_or_path, "model", MODEL_FILES)
+    options = {"dtype": dtype, "attn_implementation": attention_name(attn_implementation), **config}
+    with could_not_load("model", name_or_path):
+        if (path / "adapter_config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(name_or_path, **options)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **options)
+    return model.to(device).eval(), load_tokenizer(name_or_path)
+
+
+def context_length(model, tokenizer=None) -> int:
+    """The longest input the model takes, looked up as lm-eval does: GPT-2 calls it n_positions, most others
+    max_position_embeddings; else the tokenizer's limit, else lm-eval's default."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if value := getattr(model.config, attr, None):
+            return int(value)
+    if tokenizer is not None and tokenizer.model_max_length < 10**12:  # transformers' "no limit" is a huge sentinel
+        return int(tokenizer.model_max_length)
+    return DEFAULT_CONTEXT
