@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
@@ -16,8 +18,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 #   nothing else ("varlen");
 # - `document_mask`: a flex-attention BlockMask, whose kernel skips fully masked blocks;
 # - neither: sdpa, given `is_causal=True` whenever there is no padding. transformers itself builds a
-#   dense (batch, 1, T, T) mask whenever it runs under torch.compile, and sdpa then runs kernels that
-#   skip no causal tiles: 2.3x the attention time on an H100 (issue 11's profiles).
+#   dense (batch, 1, T, T) mask under torch.compile, and from position ids that look packed, and sdpa
+#   then runs kernels that skip no causal tiles: 2.3x the attention time on an H100 (issue 11's profiles).
 PACKED = "hf_gpt_packed"
 
 
@@ -75,12 +77,10 @@ def varlen_attention(query, key, value, cu_seq_lens, max_length: int, scaling=No
 
 
 def _causal_keyword() -> dict:
-    # torch 2.10-2.12 take is_causal=True; later releases express it as a window: (-1, 0).
+    # varlen_attn says "causal" as the window (-1, 0) where it takes a window (torch 2.11 on), else is_causal.
     try:
-        import inspect
-
         from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+    except ImportError:  # torch < 2.10: no varlen attention on any device
         return {}
     return {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters else {"is_causal": True}
 
