@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -83,11 +84,9 @@ def start_run(cfg) -> Accelerator:
     if accelerator.device.type == "cpu" and cfg.attn_implementation == "flex_attention":
         raise UserError("flex_attention trains on GPUs only (no backward on CPU); use --attn_implementation sdpa")
     if accelerator.device.type == "cuda" and cfg.attn_implementation == "varlen":
-        try:
-            import torch.nn.attention.varlen  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
             raise UserError(f"varlen attention needs torch 2.10 or later (this is {torch.__version__}); "
-                            "use --attn_implementation flex_attention") from None
+                            "use --attn_implementation flex_attention")
     if accelerator.device.type == "cpu":
         # `accelerate launch` pins CPU runs to one thread (OMP_NUM_THREADS=1) unless its config says
         # otherwise, which halves the default run on a 2-core machine: use the cores this process may
