@@ -67,6 +67,14 @@ def random_batches(cfg, vocab_size: int, eos: int, count: int = 8) -> list[dict]
     return batches
 
 
+def random_pool(cfg) -> tuple[list[dict], int, int]:
+    """The random batches, the vocabulary size and the end-of-text id they use."""
+    if not cfg.vocab_size:
+        raise UserError("random data needs --vocab_size")
+    eos = min(50256, cfg.vocab_size - 1)  # GPT-2's, or the last id of a smaller vocabulary
+    return random_batches(cfg, cfg.vocab_size, eos), cfg.vocab_size, eos
+
+
 def flops_per_token(model, cfg) -> float:
     """6N for the weights (forward + backward) plus the attention scores, as in the PaLM paper's MFU."""
     n = sum(p.numel() for p in model.parameters())
@@ -102,11 +110,7 @@ def benchmark_train(cfg) -> dict:
     cuda = accelerator.device.type == "cuda"
     data = data_source(cfg)
     if data is None:
-        if not cfg.vocab_size:
-            raise UserError("random data needs --vocab_size")
-        vocab = cfg.vocab_size
-        eos = min(50256, vocab - 1)  # GPT-2's, or the last id of a smaller vocabulary
-        pool = random_batches(cfg, vocab, eos)
+        pool, vocab, eos = random_pool(cfg)
         batches = (pool[i % len(pool)] for i in range(10**9))
     else:
         vocab, eos = len(data.tokenizer), data.tokenizer.eos_token_id
@@ -177,10 +181,8 @@ def measure_reference(cfg, batches, steps: int, warmup: int, accumulation: int) 
 def benchmark_reference(cfg) -> dict:
     if not torch.cuda.is_available():
         raise UserError("the reference benchmark needs a GPU")
-    if not cfg.vocab_size:
-        raise UserError("the reference needs --vocab_size")
     accum = accumulation_steps(cfg, cfg.micro_batch_size * cfg.block_size, 1)
-    pool = random_batches(cfg, cfg.vocab_size, min(50256, cfg.vocab_size - 1))
+    pool, _, _ = random_pool(cfg)
     tps = measure_reference(cfg, pool, cfg.benchmark_steps, cfg.benchmark_warmup_steps, accum)
     return {"benchmark": "reference", "device": torch.cuda.get_device_name(), "micro_batch_size": cfg.micro_batch_size,
             "block_size": cfg.block_size, "gradient_accumulation_steps": accum, "tokens_per_s": round(tps),
@@ -188,7 +190,7 @@ def benchmark_reference(cfg) -> dict:
 
 
 def profile(run, path: Path) -> None:
-    """The kernels of `run()` by total time, into `path` and (the top 25) onto stderr."""
+    """The kernels of `run()` by total time, into `path` and (the top rows) onto stderr."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 

@@ -25,8 +25,11 @@ echo "reference: $ref tokens/s"
 for name in "$@"; do
   echo "== $name"
   timeout 240 $B ${V[$name]} --reference_tokens_per_s "$ref" > /tmp/bench_$name.log 2>&1
-  grep '^{' /tmp/bench_$name.log | sed "s/^{/{\"variant\": \"$name\", /" | tee -a "$out" | cut -c1-40 >/dev/null \
-    || grep -E "Error|error" /tmp/bench_$name.log | tail -3
+  if grep -q '^{' /tmp/bench_$name.log; then
+    grep '^{' /tmp/bench_$name.log | sed "s/^{/{\"variant\": \"$name\", /" >> "$out"
+  else  # the variant failed: its last error lines, and the table goes on without it
+    grep -E "Error|error" /tmp/bench_$name.log | tail -3
+  fi
 done
 python3 - "$out" <<'EOF'
 import json, sys
