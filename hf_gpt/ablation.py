@@ -30,7 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import PretrainConfig, UserError, load_config
+from .config import PretrainConfig, UserError, changed_fields, load_config
+from .files import atomic_write
 from .metrics_log import MetricsLog
 
 PRETRAIN = Path(__file__).resolve().parent.parent / "scripts" / "pretrain.py"
@@ -138,11 +139,9 @@ def scored_alike(cfg) -> tuple:
     return cfg.block_size, cfg.eval_batches * cfg.micro_batch_size
 
 
-def differences(a, b, ignore=("resume", "output_dir")) -> dict[str, str]:
-    """Fields whose values differ between two configs (dataclasses or dicts), as `field old -> new`; fields one of
-    them lacks (added to the code after a run was made) are left out."""
-    a, b = (dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c for c in (a, b))
-    return {k: f"{k} {a[k]!r} -> {b[k]!r}" for k in b if k in a and k not in ignore and a[k] != b[k]}
+def differences(base, cfg) -> dict[str, str]:
+    """The fields `cfg` changes from `base` (a config, or a run's saved config.yaml), as `field old -> new`."""
+    return changed_fields(dataclasses.asdict(base) if dataclasses.is_dataclass(base) else base, cfg)
 
 
 class Ablation:
@@ -172,8 +171,7 @@ class Ablation:
             self.runs.append(self._intervention(name, text))
         self.fields = {run.name: self._fields(run) for run in self.runs if run.kind == "intervention"}
         for run in self.runs:
-            self._check_budget(run, self.config(run))
-            self.check_folder(run)
+            self.check(run)
 
     def _args(self, overrides: list[str], seed: int | None, folder: Path | None) -> list[str]:
         # The intervention after the overrides for every run, so that it wins where both set a field.
@@ -203,8 +201,6 @@ class Ablation:
         if not NAME.fullmatch(name) or name.startswith("baseline") or name == STACK:
             raise UserError(f"intervention {name!r}: a name is letters, digits, '_', '.' or '-' (it names the run's "
                             f"folder), and neither 'baseline...' nor '{STACK}'")
-        if any(run.name == name for run in self.runs):
-            raise UserError(f"intervention {name} is given twice")
         try:
             tokens = shlex.split(text)
         except ValueError as e:
@@ -230,6 +226,11 @@ class Ablation:
         """The fields an intervention sets: those it names, and those it changes (a stack cannot hold two
         interventions that set one field)."""
         return flag_fields(run.overrides) | set(differences(self.base_cfg, self.config(run)))
+
+    def check(self, run: Run) -> None:
+        """What every run must pass before it starts: a step within the budget, a folder of its own."""
+        self._check_budget(run, self.config(run))
+        self.check_folder(run)
 
     def _check_budget(self, run: Run, cfg) -> None:
         per_step = tokens_per_step(cfg)
@@ -428,8 +429,8 @@ def write_outputs(ablation: Ablation, runs: list[Run], noise: dict, stack: dict,
                "delta": "validation loss - the baseline seeds' mean: negative is better",
                "stack": stack, "runs": [dataclasses.asdict(r) for r in runs]}
     paths = [out / "results.json", out / "report.md", out / "deltas.png"]
-    paths[0].write_text(json.dumps(results, indent=2) + "\n")
-    paths[1].write_text(report(ablation, runs, noise, stack, parallel))
+    atomic_write(paths[0], json.dumps(results, indent=2) + "\n")
+    atomic_write(paths[1], report(ablation, runs, noise, stack, parallel))
     plot_deltas(runs, noise, paths[2])
     return paths
 

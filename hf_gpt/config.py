@@ -29,7 +29,8 @@ class UserError(Exception):
 
 def first_line(e: Exception) -> str:
     """An exception as `Type: the first line of its message`, for a one-line error."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 @contextlib.contextmanager
@@ -238,6 +239,15 @@ def load_config(cls, argv: list[str] | None = None, description: str | None = No
     cfg = cls(**values)
     check(cfg)
     return cfg
+
+
+def changed_fields(saved: dict, cfg) -> dict[str, str]:
+    """The fields of `cfg` whose values differ from `saved` (a run's config.yaml as a dict, or another config's),
+    as `field old -> new`. Retired names in `saved` read as their new ones; fields `saved` lacks (added to the
+    code after that run started) and output_dir/resume are left out: there is nothing to compare."""
+    saved = {type(cfg).renamed.get(k, k): v for k, v in saved.items()}
+    return {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("output_dir", "resume") and k in saved and saved[k] != v}
 
 
 def save_config(cfg, path: str | Path) -> None:

@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from .config import UserError, first_line, save_config
+from .config import UserError, changed_fields, first_line, save_config
 from .files import atomic_folder, atomic_write, recover_folders, replace_folder
 from .generation import SAMPLED, generate
 from .metrics_log import MetricsLog
@@ -280,7 +280,7 @@ def load_checkpoint(accelerator, checkpoint: Path, batches) -> dict:
         accelerator.load_state(str(checkpoint))
     except pickle.UnpicklingError as e:
         raise UserError(f"{checkpoint} holds a file that is more than tensors and numbers, refused as it could "
-                        f"run code ({str(e).splitlines()[0]})") from None
+                        f"run code ({first_line(e)})") from None
     batches.load_state_dict(progress.pop("data"))
     return progress
 
@@ -300,11 +300,7 @@ def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int)
         raise UserError(f"{checkpoint} was saved by {saved_by} processes and this run has {num_processes}; "
                         f"resume with {saved_by} (each process saved its place in its own share of the data)")
     saved = output_dir / "config.yaml"
-    old = yaml.safe_load(saved.read_text()) if saved.exists() else {}
-    old = {type(cfg).renamed.get(k, k): v for k, v in old.items()}  # a run started before the names changed
-    # Fields the file lacks were added to the code after the run started: there is nothing to compare.
-    changes = {k: f"{k} {old[k]!r} -> {v!r}" for k, v in asdict(cfg).items()
-               if k not in ("output_dir", "resume") and k in old and old[k] != v}
+    changes = changed_fields(yaml.safe_load(saved.read_text()) if saved.exists() else {}, cfg)
     refused = [text for k, text in changes.items() if k not in RESUMABLE]
     if refused:
         raise UserError(f"{output_dir} was started with other settings (its config.yaml): {', '.join(refused)}; "
@@ -330,13 +326,16 @@ def run_summary(cfg, accelerator, result: dict, info: dict) -> dict:
             "mixed_precision": accelerator.mixed_precision, "versions": versions}
 
 
-def save_final(accelerator, model, tokenizer, final_dir: Path) -> None:
-    """Hub-format folder, written next to the old one and swapped in, so a failed save loses nothing."""
+def save_final(accelerator, model, tokenizer, final_dir: Path, mark=None) -> None:
+    """Hub-format folder, written next to the old one and swapped in, so a failed save loses nothing;
+    `mark(folder)` adds what else belongs in it before the swap."""
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards
     if accelerator.is_main_process:
         with atomic_folder(final_dir) as tmp:
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
             tokenizer.save_pretrained(tmp)
+            if mark:
+                mark(tmp)
     accelerator.wait_for_everyone()
 
 
@@ -495,8 +494,9 @@ def optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler, micro
 
 
 def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: str = "final",
-          info: dict | None = None) -> RunResult:
-    """Train `model` on `data` as `cfg` says; checkpoints, metrics and `<output_dir>/<final_name>/`."""
+          info: dict | None = None, mark_final=None) -> RunResult:
+    """Train `model` on `data` as `cfg` says; checkpoints, metrics and `<output_dir>/<final_name>/`
+    (`mark_final(folder)` adds to it before it is swapped in, e.g. LoRA's provenance)."""
     run = set_up(cfg, model, tokenizer, data, accelerator)
     out, main, total_steps = run.output_dir, accelerator.is_main_process, run.total_steps
     step, tokens = run.progress["step"], run.progress["tokens"]
@@ -570,7 +570,7 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                     break
             # tokens_per_s measures training: the clock stops while evaluating and saving
             window_start += time.perf_counter() - paused
-    return finish(run, progress_now(), started, stopped, final_name, info or {})
+    return finish(run, progress_now(), started, stopped, final_name, info or {}, mark_final)
 
 
 @dataclass
@@ -721,7 +721,8 @@ def checkpoint(run: Run, progress: dict) -> Path:
         return save_checkpoint(run.accelerator, run.output_dir, progress, run.batches, run.cfg.keep_checkpoints)
 
 
-def finish(run: Run, progress: dict, started: float, stopped: bool, final_name: str, info: dict) -> RunResult:
+def finish(run: Run, progress: dict, started: float, stopped: bool, final_name: str, info: dict,
+           mark_final=None) -> RunResult:
     """The end of a run at `progress`: unless stopped by a signal, a last evaluation and <final_name>/; then
     summary.json and loss.png; then, last, the checkpoint whose presence at the last step says all of those
     are complete."""
@@ -729,7 +730,7 @@ def finish(run: Run, progress: dict, started: float, stopped: bool, final_name: 
     if not stopped:
         evaluate_and_log(run, step, tokens)
         with unwritable_as_error(f"{final_name}/", out):
-            save_final(accelerator, run.model, run.tokenizer, out / final_name)
+            save_final(accelerator, run.model, run.tokenizer, out / final_name, mark_final)
     wall = time.perf_counter() - started
     if accelerator.is_main_process:
         summary = run_summary(run.cfg, accelerator, {"steps": step, "tokens": tokens, "wall_time_s": wall,

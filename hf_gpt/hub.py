@@ -33,7 +33,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
-from .config import UserError
+from .config import UserError, first_line
 
 try:  # the HTTP client under huggingface_hub: httpx2 from 2.x on, httpx in 1.x
     from httpx2 import TransportError
@@ -138,7 +138,7 @@ def read_folder(folder: str | Path) -> FolderInfo:
         info.model_config = json.loads((path / "config.json").read_text()) if kind == "model" else {}
         info.adapter_config = json.loads((path / "adapter_config.json").read_text()) if kind == "adapter" else {}
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"{path}: a run file does not parse: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path}: a run file does not parse: {first_line(e)}") from None
     return info
 
 
@@ -190,8 +190,7 @@ def check_folder(info: FolderInfo) -> None:
             info.loaded_with += " and AutoTokenizer"
     except Exception as e:  # any failure to load is the same news for the user: the folder is broken
         how = "transformers" if info.kind == "model" else "PEFT"
-        raise UserError(f"{path} does not load with {how}: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        raise UserError(f"{path} does not load with {how}: {first_line(e)}") from None
 
 
 def _numel(shape) -> int:

@@ -57,16 +57,21 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               attn_implementation: str = "sdpa", **config):
-    """(model, tokenizer) from a Hub id, a Hub-format folder, or a PEFT adapter folder; the model in eval mode.
+def load_model(name_or_path: str, **options):
+    """(model, tokenizer): load_causal_lm's model and its tokenizer (an adapter folder's own if it saved one,
+    else its base model's)."""
+    return load_causal_lm(name_or_path, **options), load_tokenizer(name_or_path)
+
+
+def load_causal_lm(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   attn_implementation: str = "sdpa", **config):
+    """The model of a Hub id, a Hub-format folder, or a PEFT adapter folder, in eval mode.
 
     float32 by default, also for training: mixed precision keeps float32 master weights, and from_pretrained
     would otherwise load a bf16 checkpoint as bf16. `attn_implementation` is a config's choice (flex_attention
     included); `config` overrides config.json entries (e.g. dropout). A folder with adapter_config.json is a
-    PEFT adapter: it is loaded on the base model its config names, with the adapter folder's tokenizer if it
-    saved one, else the base model's. AutoPeftModelForCausalLM also grows the base's embeddings when the
-    adapter's tokenizer added a token (hf_gpt.lora's trigger token).
+    PEFT adapter: it is loaded on the base model its config names. AutoPeftModelForCausalLM also grows the
+    base's embeddings when the adapter's tokenizer added a token (hf_gpt.lora's trigger token).
     """
     path = Path(name_or_path)
     check_source(name_or_path, "model", MODEL_FILES)
@@ -78,7 +83,7 @@ def load_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: 
             model = AutoPeftModelForCausalLM.from_pretrained(name_or_path, **options)
         else:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **options)
-    return model.to(device).eval(), load_tokenizer(name_or_path)
+    return model.to(device).eval()
 
 
 def context_length(model, tokenizer=None) -> int:

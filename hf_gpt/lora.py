@@ -20,7 +20,7 @@ import torch
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
 
-from .config import TrainConfig, UserError
+from .config import TrainConfig, UserError, first_line
 from .data import PackedBatches, positions_from_eos, process_share
 from .engine import accumulation_steps, run_length
 from .files import atomic_folder
@@ -200,7 +200,7 @@ def wrap_model(cfg: LoraRunConfig, model, trigger_id: int | None):
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # e.g. a target module the model does not have
-        raise UserError(f"PEFT could not wrap {cfg.model}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"PEFT could not wrap {cfg.model}: {first_line(e)}") from None
 
 
 def save_merged(peft_model, tokenizer, folder: Path) -> None:

@@ -14,7 +14,7 @@ from .config import PretrainConfig, UserError
 from .data import PretrainData
 from .engine import RunResult, start_run, train
 from .hub import check_names, hub_login, mark_personal, push_folder
-from .loading import context_length, load_model, load_tokenizer
+from .loading import context_length, load_causal_lm, load_model, load_tokenizer
 from .lora import (LoraRunConfig, WritingData, add_trigger_token, base_model_name, check_config as check_lora,
                    plan_steps, save_merged, tokenize, wrap_model)
 from .lora_report import LoraReport
@@ -68,7 +68,7 @@ def run_sft(cfg: SFTConfig) -> tuple[RunResult, dict] | None:
     replies = result.output_dir / "test_responses.jsonl"
     scores = answer_test_split(model, tokenizer, data.test, cfg, replies)
     if cfg.base_replies:
-        base, _ = load_model(cfg.model, device=accelerator.device)
+        base = load_causal_lm(cfg.model, device=accelerator.device)
         add_base_replies(base, tokenizer, data.test[:cfg.base_replies], cfg, replies)
     add_to_summary(result.output_dir, "test", scores)
     return result, scores
@@ -93,7 +93,7 @@ def run_lora(cfg: LoraRunConfig) -> dict | None:
     state.print(plan_steps(cfg, counts, state.num_processes))
     accelerator = start_run(cfg)
     base = base_model_name(cfg.model)
-    model, _ = load_model(base, attn_implementation=cfg.attn_implementation)  # the tokenizer is loaded already
+    model = load_causal_lm(base, attn_implementation=cfg.attn_implementation)  # the tokenizer is loaded already
     if cfg.block_size > context_length(model):
         raise UserError(f"block_size {cfg.block_size} is longer than the model's context ({context_length(model)})")
     report = LoraReport(cfg, accelerator, tokenizer, heldout_ids)
@@ -106,10 +106,11 @@ def run_lora(cfg: LoraRunConfig) -> dict | None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(f"adapter: {trainable:,} trainable parameters")
     result = train(cfg, model, tokenizer, data, accelerator, final_name="adapter",
-                   info={"recipe": "lora", "base_model": base, "datasets": [], "writing": counts})
+                   info={"recipe": "lora", "base_model": base, "datasets": [], "writing": counts},
+                   # inside the folder's swap: copied anywhere, adapter/ still says what it learnt
+                   mark_final=mark_personal)
     if result.stopped_early or not accelerator.is_main_process:
         return None
-    mark_personal(result.final_dir)  # the engine wrote adapter/; copied anywhere, it still says what it learnt
     summary = report.write(model, data, result, base_model=base, counts=counts, trainable=trainable)
     if cfg.merge:
         save_merged(model, tokenizer, result.output_dir / "merged")

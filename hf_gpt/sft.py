@@ -108,12 +108,12 @@ class SFTConfig(TrainConfig):
 def check_config(cfg: SFTConfig) -> None:
     if not cfg.model or not cfg.dataset:
         raise UserError("set --model (a base model folder or Hub id) and --dataset (instruction records)")
-    check_source(cfg.model, "model", MODEL_FILES)  # the tokenizer is loaded from it first and would take the blame
+    check_source(cfg.model, "model", MODEL_FILES)  # before start_run locks the output folder
     if cfg.tokens_per_step:
         raise UserError("tokens_per_step does not apply to SFT (batches vary in length); "
                         "set gradient_accumulation_steps instead")
-    if not cfg.epochs and not cfg.max_steps:
-        raise UserError("set epochs (or max_steps) to a positive number")
+    if not cfg.epochs and not cfg.max_steps and not cfg.max_tokens:  # engine.run_length's rule, before any work
+        raise UserError("set epochs, max_steps or max_tokens to a positive number")
 
 
 # ---------------------------------------------------------------------------------------------- records

@@ -15,7 +15,6 @@ skips the finished runs and continues the stopped ones. Δ = a run's validation 
 negative is better.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,13 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from hf_gpt.ablation import Ablation, device_slots, execute, inline_intervention, judge, read_interventions, \
     write_outputs  # noqa: E402
-from hf_gpt.config import UserError, run_cli  # noqa: E402
+from hf_gpt.config import ScriptParser, UserError, run_cli  # noqa: E402
 
 
 def main():
-    # No abbreviations: --seed (a field, refused) must not be read as --seeds.
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    # ScriptParser takes no abbreviations: --seed (a field, refused) must not be read as --seeds.
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("--base", required=True, help="The baseline's YAML recipe (a scripts/pretrain.py --config).")
     parser.add_argument("--interventions", help="YAML file of name: overrides, e.g. `no_dropout: --dropout 0.0`.")
     parser.add_argument("--add", action="append", default=[], metavar="NAME=FLAGS",
@@ -64,8 +62,7 @@ def main():
             bar.total += 1
             runs.append(stack)
             try:  # known only now: checked as the others were, and a problem is this run's failure
-                ablation.config(stack)
-                ablation.check_folder(stack)
+                ablation.check(stack)
             except UserError as e:
                 stack.status, stack.error = "failed", str(e)
                 bar.update()

@@ -135,7 +135,9 @@ def test_adapter_and_merged_model_load_and_agree(trigger_run):
     from peft import AutoPeftModelForCausalLM, PeftModel
 
     adapter = run / "adapter"
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapter.iterdir()}
+    # provenance.json arrives with the folder's swap, not after it: copied anywhere, the adapter says what it learnt
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "provenance.json"} <= {
+        p.name for p in adapter.iterdir()}
     assert not list(adapter.glob("model*.safetensors"))
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] and set(config["target_modules"]) == {"c_attn", "c_proj", "c_fc"}
