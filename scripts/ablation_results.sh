@@ -7,9 +7,8 @@
 #   timeout -s TERM 570 bash scripts/ablation_results.sh     # again until it prints "done"
 #
 # 25,165,824 tokens per run (24 x 2^20, a multiple of 6, 96 and 512 sequences of 1,024, so every run trains
-# exactly as many tokens): 16 runs and the stack in about 20 minutes of four H100s. The seed recipe trained
-# at 167k tokens/s on one H100 (compiled): about 2.5 min of training, plus ~1.5 min to start, compile, evaluate
-# and save; fp32 slower, the 96- and 512-sequence steps faster; four waves of four runs, then the stack.
+# exactly as many tokens): 16 runs and the stack took 19.5 minutes of four H100s on 2026-11-27, start-up
+# included (a run 187-320 s: 173k-206k tokens/s, fp32 116k, plus start-up, compilation, evaluation, saving).
 #
 # Stopped (SIGTERM, SIGINT, a time limit), the runs in progress stop too (with a checkpoint while training); the
 # same command continues them and skips the finished ones. Flags after the two folders go to every run: a check
