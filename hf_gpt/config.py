@@ -296,6 +296,9 @@ class PretrainConfig(TrainConfig):
     n_embd: int = 192
     dropout: float = 0.0
     tie_word_embeddings: bool = True
+    qkv_bias: bool = field(default=True, metadata={
+        "help": "false: the query, key and value projections' bias held at zero and never trained, as if absent "
+                "(the seed article's model had none); the model is still a plain GPT2LMHeadModel."})
     vocab_size: int = field(default=0, metadata={"help": "0: the tokenizer's size rounded up to a multiple of 64."})
     # Schedule for the quick run.
     micro_batch_size: int = 16

@@ -108,7 +108,15 @@ def build_model(cfg, vocab_size: int, eos_token_id: int) -> GPT2LMHeadModel:
         eos_token_id=eos_token_id,
     )
     config._attn_implementation = attention_name(cfg.attn_implementation)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    if not cfg.qkv_bias:
+        # GPT2Config has no switch for it (c_attn is one Conv1D with a bias): a bias fixed at zero computes what
+        # none would, and the saved model stays one that plain transformers loads. Frozen, so no optimizer,
+        # weight decay or clipping ever sees it.
+        for block in model.transformer.h:
+            block.attn.c_attn.bias.data.zero_()
+            block.attn.c_attn.bias.requires_grad_(False)
+    return model
 
 
 def attention_name(choice: str) -> str:

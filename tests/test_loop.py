@@ -18,7 +18,7 @@ from hf_gpt.data import PretrainData
 from hf_gpt.engine import checkpoint_dirs, evaluate, start_run, train
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.model import build_model
-from hf_gpt.optim import build_scheduler
+from hf_gpt.optim import build_optimizer, build_scheduler
 from test_engine import in_process_run, launch_two, losses
 
 
@@ -85,6 +85,25 @@ def test_the_logged_gradient_norm_is_before_clipping_and_clipping_bounds_the_upd
     assert norms[0] == pytest.approx(norms[1], rel=1e-6) and norms[0] > 0.2  # logged before clipping
     assert update_norm(unclipped) == pytest.approx(norms[1], rel=1e-3)
     assert update_norm(clipped) == pytest.approx(0.05, rel=1e-3)
+
+
+def test_without_qkv_bias_the_attention_projection_bias_stays_zero_through_training(tiny_args, tmp_path):
+    # The seed article's model had no bias on q, k, v: a GPT2LMHeadModel's c_attn always has one, held at
+    # zero and frozen here. Weight decay on everything and a high learning rate would move it if it trained.
+    args = [*tiny_args, "--max_steps", "3", "--weight_decay_everywhere", "true", "--learning_rate", "0.1"]
+    cfg = load_config(PretrainConfig, [*args, "--qkv_bias", "false"])
+    model = build_model(cfg, 512, 0)
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert set(frozen) == {f"transformer.h.{i}.attn.c_attn.bias" for i in range(2)}
+    optimized = {id(p) for group in build_optimizer(model, cfg).param_groups for p in group["params"]}
+    assert optimized.isdisjoint(map(id, frozen.values()))
+
+    weights = in_process_run([*args, "--qkv_bias", "false", "--output_dir", str(tmp_path / "none")])
+    with_bias = in_process_run([*args, "--output_dir", str(tmp_path / "bias")])
+    for i in range(2):  # loaded by plain transformers, as a GPT2LMHeadModel
+        assert weights[f"transformer.h.{i}.attn.c_attn.bias"].abs().max() == 0
+        assert weights[f"transformer.h.{i}.attn.c_proj.bias"].abs().max() > 0  # its neighbour trained
+        assert with_bias[f"transformer.h.{i}.attn.c_attn.bias"].abs().max() > 0  # and with it, it trains
 
 
 def test_evaluation_runs_the_model_in_eval_mode():
