@@ -72,8 +72,9 @@ class TrainConfig:
     lr_scheduler: str = field(default="cosine", metadata={"help": "cosine | wsd | constant | linear"})
     warmup_steps: int = 0
     warmup_ratio: float = field(default=0.0, metadata={
-        "help": "Warmup as a share of the run's steps (transformers' word), for warmup_steps 0: it follows the run's "
-                "length when the token budget or the tokens per step change."})
+        "help": "Warmup as a share of the run's steps, rounded up (transformers 4's warmup_ratio; 5 reads a warmup_steps "
+                "below 1 so), for warmup_steps 0: it follows the run's length when the token budget or the tokens per "
+                "step change."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine/wsd end at learning_rate x this."})
     decay_ratio: float = field(default=0.2, metadata={"help": "wsd: fraction of steps spent decaying."})
     weight_decay: float = 0.1

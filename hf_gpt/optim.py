@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -45,8 +47,9 @@ def build_scheduler(optimizer, cfg, total_steps: int) -> LambdaLR:
 
 def warmup_steps(cfg, total_steps: int) -> int:
     """warmup_steps, or warmup_ratio of the run's steps: a share stays a share when a run is made longer or its
-    steps larger (an ablation's "5% warmup" beside one that changes the tokens per step)."""
-    return cfg.warmup_steps or round(cfg.warmup_ratio * total_steps)
+    steps larger (an ablation's "5% warmup" beside one that changes the tokens per step). Rounded up, as
+    transformers' TrainingArguments does with a share (after rounding off float noise: 0.3 x 10 is 3, not 4)."""
+    return cfg.warmup_steps or math.ceil(round(cfg.warmup_ratio * total_steps, 6))
 
 
 def _transformers_schedule(optimizer, cfg, total_steps: int, warmup: int):

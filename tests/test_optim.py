@@ -60,6 +60,19 @@ def test_warmup_ratio_is_a_share_of_the_run():
     assert rates == pytest.approx([0.25, 0.5, 0.75, 1.0])
 
 
+@pytest.mark.parametrize("ratio, steps, expected", [(0.05, 50, 3), (0.05, 4096, 205), (0.0, 10, 0)])
+def test_warmup_ratio_rounds_up_as_transformers_does(ratio, steps, expected):
+    from transformers import TrainingArguments
+
+    from hf_gpt.optim import warmup_steps
+
+    assert warmup_steps(cfg(warmup_ratio=ratio), steps) == expected
+    if ratio:  # transformers 5 reads a warmup_steps below 1 as the share
+        assert TrainingArguments(output_dir="unused", warmup_steps=ratio).get_warmup_steps(steps) == expected
+    # Where the product is whole but for float noise (0.3 x 10 = 3.0000000000000004), 3 steps, not 4.
+    assert warmup_steps(cfg(warmup_ratio=0.3), 10) == 3
+
+
 def test_warmup_steps_and_ratio_together_are_refused():
     from hf_gpt.config import PretrainConfig, UserError, load_config
 
