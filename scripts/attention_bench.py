@@ -5,9 +5,15 @@ and each kernel's error against PyTorch's variable-length flash kernel (FA2). Pr
 
 `causal, no documents` is what the hand-written reference (scripts/reference_gpt2.py) runs: the same
 batch with the causal triangle only, so it does more work than document masking needs.
+
+Two more rows where their packages are installed (neither is a requirement): cuDNN's packed-document (THD)
+kernel through `nvidia-cudnn-frontend`'s torch ops, and FA4 (`flash-attn-4`, CuTe DSL) put behind PyTorch's
+flash ops with `torch.nn.attention.activate_flash_attention_impl("FA4")`; FA4 runs last, since from then on
+`varlen_attn` runs it.
 """
 
 import argparse
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -89,10 +95,25 @@ def main():
             times.append(begin.elapsed_time(end))
         return sorted(times)[repeats // 2]
 
+    def cudnn_thd(q, k, v):
+        import cudnn.sdpa.fwd.torch_op  # noqa: F401  (registers torch.ops.cudnn.sdpa_fwd, differentiable)
+
+        return torch.ops.cudnn.sdpa_fwd(q, k, v, scale, is_causal=True, cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                        max_seqlen_q=T, max_seqlen_kv=T, return_lse=True)[0]
+
+    def fa4_varlen(q, k, v):
+        from torch.nn.attention import activate_flash_attention_impl
+
+        activate_flash_attention_impl("FA4")  # once per process: aten's flash ops, so varlen_attn, run FA4 now
+        return fa2_varlen(q, k, v)
+
+    kernels = [("FA2 varlen", fa2_varlen), ("flex + BlockMask", flex_blockmask),
+               ("sdpa + dense mask", sdpa_dense_mask), ("nested (jagged) sdpa", nested_jagged),
+               ("causal, no documents", causal_no_documents)]
+    optional = [("cuDNN THD (frontend)", "cudnn", cudnn_thd), ("FA4 varlen", "flash_attn", fa4_varlen)]
+    kernels += [(name, fn) for name, package, fn in optional if importlib.util.find_spec(package)]
     reference = run(fa2_varlen)
-    for name, fn in [("FA2 varlen", fa2_varlen), ("flex + BlockMask", flex_blockmask),
-                     ("sdpa + dense mask", sdpa_dense_mask), ("nested (jagged) sdpa", nested_jagged),
-                     ("causal, no documents", causal_no_documents)]:
+    for name, fn in kernels:
         try:
             errors = [((a - b).norm() / b.norm()).item() for a, b in zip(run(fn), reference)]
             print(f"{name:22} {time_ms(fn):7.3f} ms fwd+bwd   error out/dq/dk/dv vs FA2 varlen: "
