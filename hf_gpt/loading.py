@@ -73,16 +73,17 @@ def load_causal_lm(name_or_path: str, *, device: str | torch.device = "cpu", dty
     PEFT adapter: it is loaded on the base model its config names. AutoPeftModelForCausalLM also grows the
     base's embeddings when the adapter's tokenizer added a token (hf_gpt.lora's trigger token).
     """
-    path = Path(name_or_path)
     check_source(name_or_path, "model", MODEL_FILES)
+    path = Path(name_or_path).expanduser()  # as check_source reads it: ~/runs/me/adapter is a folder
+    source = str(path) if path.exists() else name_or_path
     options = {"dtype": dtype, "attn_implementation": attention_name(attn_implementation), **config}
     with could_not_load("model", name_or_path):
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM
 
-            model = AutoPeftModelForCausalLM.from_pretrained(name_or_path, **options)
+            model = AutoPeftModelForCausalLM.from_pretrained(source, **options)
         else:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **options)
+            model = AutoModelForCausalLM.from_pretrained(source, **options)
     return model.to(device).eval()
 
 

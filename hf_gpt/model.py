@@ -72,7 +72,7 @@ def varlen_attention(query, key, value, cu_seq_lens, max_length: int, scaling=No
     # (batch, heads, T, dim) -> (batch * T, heads, dim): transformers' q/k/v are transposed views of one
     # (batch, T, 3 x embd) projection, so this is a view, not a copy.
     q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))
-    out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling, **_CAUSAL)
+    out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling, **VARLEN_CAUSAL)
     return out.view(batch, length, heads, dim)
 
 
@@ -85,7 +85,7 @@ def _causal_keyword() -> dict:
     return {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters else {"is_causal": True}
 
 
-_CAUSAL = _causal_keyword()
+VARLEN_CAUSAL = _causal_keyword()  # also scripts/attention_bench.py's
 
 
 def padded_vocab_size(n: int, multiple: int = 64) -> int:

@@ -66,10 +66,10 @@ def run_sft(cfg: SFTConfig) -> tuple[RunResult, dict] | None:
         return result, {}
     model, tokenizer = load_model(str(result.final_dir), device=accelerator.device)
     replies = result.output_dir / "test_responses.jsonl"
-    scores = answer_test_split(model, tokenizer, data.test, cfg, replies)
+    scores = answer_test_split(model, tokenizer, data.test, data.test_prompts, cfg, replies)
     if cfg.base_replies:
         base = load_causal_lm(cfg.model, device=accelerator.device)
-        add_base_replies(base, tokenizer, data.test[:cfg.base_replies], cfg, replies)
+        add_base_replies(base, tokenizer, data.test_prompts[:cfg.base_replies], cfg, replies)
     add_to_summary(result.output_dir, "test", scores)
     return result, scores
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import UserError
 from .files import atomic_write
-from .generation import chat_prompt_ids, generate
+from .generation import generate
 from .sft import SFTConfig
 
 # The article's judge prompt (Raschka, ch. 7), for a model served behind an OpenAI-compatible API.
@@ -81,13 +81,14 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def answer_test_split(model, tokenizer, chats: list[list[dict]], cfg: SFTConfig, path: Path) -> dict:
-    """Greedy replies to the test chats written to `path` (JSON lines), then scored and written again.
+def answer_test_split(model, tokenizer, chats: list[list[dict]], prompts: list[list[int]], cfg: SFTConfig,
+                      path: Path) -> dict:
+    """Greedy replies to the test chats (`prompts`: each chat before its reply, tokenized through the template)
+    written to `path` (JSON lines), then scored and written again.
 
     `prompt` is the chat before the reply as the template writes it (for Alpaca: the instruction and
     input under the opening sentence, what the article gave its judge); `reference` is the record's reply.
     """
-    prompts = [chat_prompt_ids(tokenizer, chat[:-1]) for chat in chats]
     replies = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                        batch_size=cfg.generation_batch_size)
     rows = [{"prompt": tokenizer.apply_chat_template(chat[:-1], tokenize=False), "reference": chat[-1]["content"],
@@ -98,11 +99,10 @@ def answer_test_split(model, tokenizer, chats: list[list[dict]], cfg: SFTConfig,
     return scores
 
 
-def add_base_replies(base_model, tokenizer, chats: list[list[dict]], cfg: SFTConfig, path: Path) -> None:
-    """The base model's greedy replies to the first test chats, prompted through the tuned model's template
-    (the same tokens), added to their rows in `path` as base_response."""
+def add_base_replies(base_model, tokenizer, prompts: list[list[int]], cfg: SFTConfig, path: Path) -> None:
+    """The base model's greedy replies to the first rows' prompts (tokenized through the tuned model's
+    template: the same tokens), added to those rows in `path` as base_response."""
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [chat_prompt_ids(tokenizer, chat[:-1]) for chat in chats]
     replies = generate(base_model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                        batch_size=cfg.generation_batch_size)
     for row, reply in zip(rows, replies):

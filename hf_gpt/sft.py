@@ -24,6 +24,7 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
@@ -398,8 +399,10 @@ class SFTData:
         self.counts = {"records": len(chats)}
         self.train = self._examples("train", train)
         self.val = self._examples("validation", val)
-        # Test chats end in the reference reply; the prompt is everything before it.
-        self.test = [messages for _, messages in test if len(chat_prompt_ids(tokenizer, messages[:-1])) < context]
+        # Test chats end in the reference reply; the prompt is everything before it, kept tokenized for the replies.
+        prompts = [(messages, chat_prompt_ids(tokenizer, messages[:-1])) for _, messages in test]
+        self.test = [messages for messages, ids in prompts if len(ids) < context]
+        self.test_prompts = [ids for _, ids in prompts if len(ids) < context]
         self.counts["test"], self.counts["test_too_long"] = len(self.test), len(test) - len(self.test)
         if not self.train:
             raise UserError(f"dataset {cfg.dataset}: no training examples left after the split and the length limit")
@@ -417,8 +420,13 @@ class SFTData:
             examples = [examples[i] for i in np.random.default_rng(seed).permutation(len(examples))]
         return pack(examples, self.max_length)
 
+    @cached_property
+    def _train_units(self) -> list[list[Example]]:
+        # Packed once: the engine asks for the batches and for the steps of a pass over them.
+        return self._units(self.train, self.cfg.seed)
+
     def train_batches(self, process_index: int, num_processes: int) -> SFTBatches:
-        return SFTBatches(self._units(self.train, self.cfg.seed), micro_batch_size=self.cfg.micro_batch_size,
+        return SFTBatches(self._train_units, micro_batch_size=self.cfg.micro_batch_size,
                           pad_id=self.tokenizer.pad_token_id, packing=self.cfg.packing, seed=self.cfg.seed,
                           process_index=process_index, num_processes=num_processes)
 

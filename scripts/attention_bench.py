@@ -14,9 +14,16 @@ flash ops with `torch.nn.attention.activate_flash_attention_impl("FA4")`; FA4 ru
 
 import argparse
 import importlib.util
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from hf_gpt.config import first_line  # noqa: E402
+from hf_gpt.model import VARLEN_CAUSAL  # noqa: E402
 
 
 def main():
@@ -42,11 +49,7 @@ def main():
     print(f"{B} x {T} tokens, {len(cu) - 1} documents, {H} heads of {D}")
     q0, k0, v0, grad = (torch.randn(B * T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     scale = D ** -0.5
-    causal = {"window_size": (-1, 0)}  # torch >= 2.11; earlier releases: is_causal=True
-    import inspect
-
-    if "window_size" not in inspect.signature(varlen_attn).parameters:
-        causal = {"is_causal": True}
+    causal = VARLEN_CAUSAL
 
     def rows(t):  # (B*T, H, D) -> (B, H, T, D)
         return t.view(B, T, H, D).transpose(1, 2)
@@ -119,7 +122,7 @@ def main():
             print(f"{name:22} {time_ms(fn):7.3f} ms fwd+bwd   error out/dq/dk/dv vs FA2 varlen: "
                   + " ".join(f"{e:.1e}" for e in errors))
         except Exception as e:  # a kernel this torch cannot run for these inputs
-            print(f"{name:22} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print(f"{name:22} failed: {first_line(e)[:200]}")
 
 
 if __name__ == "__main__":

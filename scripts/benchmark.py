@@ -108,6 +108,8 @@ def benchmark_loader(cfg) -> dict:
 def benchmark_train(cfg) -> dict:
     accelerator = start_run(cfg)
     cuda = accelerator.device.type == "cuda"
+    reference = cfg.reference_tokens_per_s
+    measure = cuda and not reference and accelerator.num_processes == 1  # the reference, here and now
     data = data_source(cfg)
     if data is None:
         pool, vocab, eos = random_pool(cfg)
@@ -115,10 +117,9 @@ def benchmark_train(cfg) -> dict:
     else:
         vocab, eos = len(data.tokenizer), data.tokenizer.eos_token_id
         batches = data.train_batches(0, 1)
-        pool = [next(batches) for _ in range(8)]
+        pool = [next(batches) for _ in range(8)] if measure else []
     accum = accumulation_steps(cfg, cfg.micro_batch_size * cfg.block_size, accelerator.num_processes)
-    reference = cfg.reference_tokens_per_s
-    if cuda and not reference and accelerator.num_processes == 1:
+    if measure:
         reference = measure_reference(cfg, pool, cfg.benchmark_steps, cfg.benchmark_warmup_steps, accum)
     model = build_model(cfg, vocab, eos)
     steps = cfg.benchmark_warmup_steps + cfg.benchmark_steps
