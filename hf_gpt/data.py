@@ -184,16 +184,17 @@ class PackedBatches:
     The state (stream position, epoch, unfinished block, crop RNG) makes a resumed run read exactly
     the tokens an uninterrupted one would.
     one_pass=True (validation) reads the stream once and then stops, its last batch padded.
+    no_loss: a token id that is given but never a target (LoRA's trigger).
     """
 
     def __init__(self, documents: IterableDataset, *, block_size: int, micro_batch_size: int, crop: str = "",
                  document_masking: bool = True, seed: int = 0, error_context: DocumentSource | None = None,
-                 one_pass: bool = False):
+                 one_pass: bool = False, no_loss: int | None = None):
         if crop not in ("", "random", "start"):
             raise UserError(f"crop must be '', 'random' or 'start', not '{crop}'")
         self.documents, self.block_size, self.micro_batch_size = documents, block_size, micro_batch_size
         self.crop, self.document_masking, self.source = crop, document_masking, error_context
-        self.one_pass = one_pass
+        self.one_pass, self.no_loss = one_pass, no_loss
         self.epoch, self.rng = 0, np.random.default_rng(seed)
         self.tokens, self.positions = np.empty(0, np.int64), np.empty(0, np.int64)
         self._iter = None
@@ -250,7 +251,7 @@ class PackedBatches:
             raise StopIteration
         tokens, self.tokens = self.tokens[:n], self.tokens[n:]
         positions, self.positions = self.positions[:n], self.positions[n:]
-        batch = _token_batch(tokens, self.block_size)
+        batch = token_batch(tokens, self.block_size, self.no_loss)
         if self.document_masking:
             # A document cut by a block boundary starts again at position 0 in the next row.
             pos = _rows(positions, self.block_size)
@@ -290,11 +291,13 @@ def _rows(values: np.ndarray, block_size: int) -> torch.Tensor:
     return rows.view(-1, block_size)
 
 
-def _token_batch(tokens: np.ndarray, block_size: int) -> dict[str, torch.Tensor]:
-    """`input_ids` and `labels` in rows of block_size; padding carries no loss."""
+def token_batch(tokens: np.ndarray, block_size: int, no_loss: int | None = None) -> dict[str, torch.Tensor]:
+    """`input_ids` and `labels` in rows of block_size; padding, and the token `no_loss`, carry no loss."""
     input_ids = _rows(tokens, block_size)
     labels = input_ids.clone()
     labels.view(-1)[len(tokens):] = -100
+    if no_loss is not None:
+        labels[input_ids == no_loss] = -100
     return {"input_ids": input_ids, "labels": labels}
 
 
@@ -461,7 +464,7 @@ class ShardBatches:
                     raise StopIteration
             else:
                 self.offset, self.epoch = self.lo, self.epoch + 1
-        batch = _token_batch(np.asarray(self.tokens[self.offset:self.offset + n]), self.block_size)
+        batch = token_batch(np.asarray(self.tokens[self.offset:self.offset + n]), self.block_size)
         self.offset += n
         if self.document_masking:
             batch["position_ids"] = positions_from_eos(batch["input_ids"], self.eos)

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
 
 from .config import TrainConfig, UserError, first_line
-from .data import PackedBatches, positions_from_eos, process_share
+from .data import PackedBatches, positions_from_eos, process_share, token_batch
 from .engine import accumulation_steps, run_length
 from .files import atomic_folder
 from .hub import mark_personal
@@ -80,40 +79,10 @@ def as_documents(token_lists: list[list[int]], eos: int, trigger_id: int | None 
 def pack_documents(documents: list[list[int]], *, block_size: int, micro_batch_size: int, eos: int,
                    no_loss: int | None = None) -> list[dict]:
     """Every token of `documents` exactly once, in rows of block_size cut as in training (a document cut
-    by a row goes on at position 0 in the next); the last row is filled with EOS that carry no loss."""
-    tokens = np.concatenate([np.asarray(d, dtype=np.int64) for d in documents])
-    padded = np.concatenate([tokens, np.full(-len(tokens) % block_size, eos, dtype=np.int64)])
-    input_ids = torch.from_numpy(padded).view(-1, block_size)
-    labels = input_ids.clone()
-    labels.view(-1)[len(tokens):] = -100
-    if no_loss is not None:
-        labels[input_ids == no_loss] = -100
-    position_ids = positions_from_eos(input_ids, eos)  # every document starts with EOS
-    return [{"input_ids": i, "labels": t, "position_ids": p}
-            for i, t, p in zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size),
-                               position_ids.split(micro_batch_size))]
-
-
-class _TriggerNotPredicted:
-    """The trigger is given, never a target: were it one, the model would learn to write it after every
-    EOS and so switch the style on by itself."""
-
-    def __init__(self, batches: PackedBatches, trigger_id: int):
-        self.batches, self.trigger_id = batches, trigger_id
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        batch = next(self.batches)
-        batch["labels"][batch["input_ids"] == self.trigger_id] = -100
-        return batch
-
-    def state_dict(self) -> dict:
-        return self.batches.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batches.load_state_dict(state)
+    by a row goes on at position 0 in the next); the last row is padded with tokens that carry no loss."""
+    batch = token_batch(np.concatenate([np.asarray(d, dtype=np.int64) for d in documents]), block_size, no_loss)
+    batch["position_ids"] = positions_from_eos(batch["input_ids"], eos)  # every document starts with EOS
+    return [dict(zip(batch, rows)) for rows in zip(*(t.split(micro_batch_size) for t in batch.values()))]
 
 
 class WritingData:
@@ -135,9 +104,10 @@ class WritingData:
             num_shards=len(self.train_documents)).shuffle(seed=self.cfg.seed, buffer_size=1)
         if num_processes > 1:
             docs = split_dataset_by_node(docs, rank=process_index, world_size=num_processes)
-        batches = PackedBatches(docs, block_size=self.cfg.block_size, micro_batch_size=self.cfg.micro_batch_size,
-                                seed=self.cfg.seed + process_index)
-        return batches if self.trigger_id is None else _TriggerNotPredicted(batches, self.trigger_id)
+        # The trigger is given, never a target: were it one, the model would learn to write it after every
+        # EOS and so switch the style on by itself.
+        return PackedBatches(docs, block_size=self.cfg.block_size, micro_batch_size=self.cfg.micro_batch_size,
+                             seed=self.cfg.seed + process_index, no_loss=self.trigger_id)
 
     def steps_per_epoch(self, num_processes: int, accumulation: int) -> float:
         """Optimizer steps of one pass over the training documents, for --epochs."""

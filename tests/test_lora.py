@@ -108,8 +108,8 @@ def test_training_stream_resumes_exactly_and_processes_share_documents():
     assert all((b["labels"][b["input_ids"] == 99] == -100).all() for b in ahead)  # and never a target
 
     def documents(batches, epoch):
-        batches.batches.documents.set_epoch(epoch)
-        return [row["input_ids"][2] for row in batches.batches.documents]
+        batches.documents.set_epoch(epoch)
+        return [row["input_ids"][2] for row in batches.documents]
 
     orders = [documents(data.train_batches(0, 1), epoch) for epoch in (0, 1)]
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(1, 11)) and orders[0] != orders[1]
