@@ -12,7 +12,7 @@ from pathlib import Path
 from .engine import RunResult, evaluate
 from .files import atomic_write
 from .generation import SAMPLED, generate, generate_ids
-from .lora import LoraRunConfig, WritingData, as_documents, heldout_batches, pack_documents
+from .lora import LoraRunConfig, WritingData, as_documents, heldout_batches, pack_documents, tokenize
 from .tokenizer import token_byte_lengths
 from .writing import read_writing
 
@@ -65,7 +65,6 @@ class LoraReport:
         return report
 
     def perplexity(self, model, batches: list[dict]) -> float:
-        model.to(self.accelerator.device)
         with self.accelerator.autocast():  # the precision training evaluated in, for both models
             result = evaluate(model, batches, self.byte_lengths, self.cfg.attn_implementation)
         return result["val_ppl"]
@@ -75,7 +74,7 @@ class LoraReport:
                               eos=self.tokenizer.eos_token_id)
 
     def samples(self, model, prefix: str = "") -> list[str]:
-        return generate(model.to(self.accelerator.device), self.tokenizer, [prefix + p for p in self.cfg.report_prompts],
+        return generate(model, self.tokenizer, [prefix + p for p in self.cfg.report_prompts],
                         max_new_tokens=self.cfg.max_new_tokens, seed=self.cfg.seed, **SAMPLED)
 
     def base_written_text(self, model) -> list[list[int]]:
@@ -84,7 +83,7 @@ class LoraReport:
         perplexity) estimates KL(base || adapted) per token. The seeded side stream leaves the training that
         follows drawing the same numbers as without this."""
         eos = self.tokenizer.eos_token_id
-        rows = generate_ids(model.to(self.accelerator.device), self.tokenizer, [[eos]] * GENERAL_BLOCKS,
+        rows = generate_ids(model, self.tokenizer, [[eos]] * GENERAL_BLOCKS,
                             max_new_tokens=self.cfg.block_size - 1, batch_size=GENERAL_BLOCKS, seed=self.cfg.seed,
                             do_sample=True, top_k=0, top_p=1.0)
         rows = [row[:-1] if row and row[-1] == eos else row for row in rows]
@@ -99,7 +98,7 @@ class LoraReport:
         for text in read_writing(self.cfg.general_text).documents:
             if room <= 1:
                 break
-            docs.append([eos] + self.tokenizer(text, add_special_tokens=False).input_ids[:room - 1])
+            docs.append([eos] + tokenize(self.tokenizer, [text])[0][:room - 1])
             room -= len(docs[-1])
         return docs, f"the first {sum(map(len, docs)):,} tokens of {self.cfg.general_text}"
 

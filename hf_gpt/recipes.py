@@ -93,7 +93,8 @@ def run_lora(cfg: LoraRunConfig) -> dict | None:
     state.print(plan_steps(cfg, counts, state.num_processes))
     accelerator = start_run(cfg)
     base = base_model_name(cfg.model)
-    model = load_causal_lm(base, attn_implementation=cfg.attn_implementation)  # the tokenizer is loaded already
+    # On the device at once: the base is measured there before training (LoraReport.measure_base).
+    model = load_causal_lm(base, device=accelerator.device, attn_implementation=cfg.attn_implementation)
     if cfg.block_size > context_length(model):
         raise UserError(f"block_size {cfg.block_size} is longer than the model's context ({context_length(model)})")
     report = LoraReport(cfg, accelerator, tokenizer, heldout_ids)

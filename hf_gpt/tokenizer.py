@@ -33,13 +33,13 @@ def run_tokenizer(cfg, accelerator, data) -> PreTrainedTokenizerBase:
     saved = Path(cfg.output_dir) / "tokenizer"
     if data.tokenizer_name != "train":
         tokenizer = load_tokenizer(data.tokenizer_name)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(saved)
     else:
         if accelerator.is_main_process and not (saved / "tokenizer.json").exists():
             train_bpe(data.texts(), cfg.tokenizer_vocab_size, cfg.tokenizer_train_documents).save_pretrained(saved)
         accelerator.wait_for_everyone()
         tokenizer = load_tokenizer(str(saved))
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(saved)
     return tokenizer
 
 
