@@ -49,7 +49,6 @@ def main():
     print(f"{B} x {T} tokens, {len(cu) - 1} documents, {H} heads of {D}")
     q0, k0, v0, grad = (torch.randn(B * T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     scale = D ** -0.5
-    causal = VARLEN_CAUSAL
 
     def rows(t):  # (B*T, H, D) -> (B, H, T, D)
         return t.view(B, T, H, D).transpose(1, 2)
@@ -58,7 +57,7 @@ def main():
         return t.transpose(1, 2).reshape(B * T, H, D)
 
     def fa2_varlen(q, k, v):
-        return varlen_attn(q, k, v, cu, cu, T, T, scale=scale, **causal)
+        return varlen_attn(q, k, v, cu, cu, T, T, scale=scale, **VARLEN_CAUSAL)
 
     block_mask = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (docs[b, qi] == docs[b, ki]), B, None, T, T)
     flex = torch.compile(flex_attention)
