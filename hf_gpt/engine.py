@@ -361,6 +361,7 @@ def prepare_training(cfg, model, accelerator, total_steps: int):
     optimizer = build_optimizer(model, cfg)  # after .to(): fused AdamW needs the parameters on the GPU
     model, optimizer = accelerator.prepare(model, optimizer)
     keep_outputs_in_half(accelerator.unwrap_model(model))
+    detach_training_logits(accelerator.unwrap_model(model))
     scheduler = accelerator.prepare(build_scheduler(optimizer, cfg, total_steps))
     forward = torch.compile(model, mode=cfg.compile_mode or None) if cfg.compile else model
     return model, forward, optimizer, scheduler
@@ -376,6 +377,22 @@ def keep_outputs_in_half(model) -> None:
     wrapper = getattr(getattr(forward, "__func__", forward), "__wrapped__", None)
     if isinstance(wrapper, ConvertOutputsToFp32):  # accelerate.Accelerator.prepare_model's two forms
         model.forward = MethodType(wrapper.model_forward, model) if hasattr(forward, "__func__") else wrapper.model_forward
+
+
+def detach_training_logits(model) -> None:
+    """A training forward that computes its loss returns its logits detached.
+
+    Nothing reads them, but under torch.compile a graph output that requires grad and receives none gets
+    a gradient of zeros in backward all the same: (tokens x 50k) zeros written and added to the loss's
+    gradient, 2 ms of a 71 ms H100 step (issue 11's profile). Detached inside the compiled graph (a
+    forward hook is part of it), the output needs no gradient at all.
+    """
+    def hook(module, args, kwargs, output):
+        if module.training and getattr(output, "loss", None) is not None:
+            output["logits"] = output.logits.detach()
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
 
 
 class FiniteGuard:

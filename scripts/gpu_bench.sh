@@ -13,10 +13,9 @@ declare -A V=(
   [varlen]="--attn_implementation varlen"
   [varlen_mb16]="--attn_implementation varlen --micro_batch_size 16"
   [varlen_mb64]="--attn_implementation varlen --micro_batch_size 64"
-  [varlen_autotune]="--attn_implementation varlen --compile_mode max-autotune-no-cudagraphs"
   [varlen_fused]="--attn_implementation varlen --fused_cross_entropy"
 )
-ORDER="sdpa_nomask sdpa flex varlen varlen_mb16 varlen_mb64 varlen_autotune varlen_fused eager_sdpa"
+ORDER="sdpa_nomask sdpa flex varlen varlen_mb16 varlen_mb64 varlen_fused eager_sdpa"
 [ $# -eq 0 ] && set -- $ORDER
 echo "== reference"
 ref=$($B --benchmark reference 2>/tmp/bench_reference.log | grep '^{' | tee -a "$out" | python3 -c "import json,sys; print(json.load(sys.stdin)['tokens_per_s'])") \

@@ -2,6 +2,7 @@
 processes, the learning rate of each step, clipping, evaluation mode, bf16 autocast, the token-shard
 stream on resume, and a non-finite gradient at a finite loss."""
 
+import copy
 import json
 import math
 import shutil
@@ -240,3 +241,28 @@ def test_mixed_precision_training_forward_keeps_bf16_logits_and_an_fp32_loss():
         assert after.loss.dtype == torch.float32 and torch.equal(after.loss, before.loss)
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_training_forward_returns_detached_logits_inside_the_compiled_graph():
+    """Training logits that nothing reads get no gradient of zeros in a compiled backward: the forward with a loss
+    returns them detached, from inside the graph (fullgraph: no break around the hook), with the same gradients;
+    without labels or in eval mode the logits keep their gradient."""
+    from hf_gpt.engine import detach_training_logits
+
+    config = GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=1, n_head=4, eos_token_id=0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(config).train()
+    plain.loss_type = "ForCausalLM"  # as prepare_training sets it: transformers' warning otherwise breaks the graph
+    model = copy.deepcopy(plain)
+    detach_training_logits(model)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(input_ids=ids, labels=ids, use_cache=False)
+    assert not out.logits.requires_grad and out.loss.requires_grad
+    out.loss.backward()
+    plain(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert compiled(input_ids=ids, use_cache=False).logits.requires_grad  # no loss: the logits are the output
+    assert model.eval()(input_ids=ids, labels=ids).logits.requires_grad
