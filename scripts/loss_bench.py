@@ -5,9 +5,9 @@ error against a float32 computation. Prints one line a variant.
     python scripts/loss_bench.py --tokens 32768 --vocab_size 50304 --n_embd 768
 
 `matmuls only` is the floor any loss pays: the three GEMMs of the output layer and nothing else.
-Two more rows where their packages are installed (neither is a requirement): Liger's fused linear +
-cross-entropy, Apple's Cut Cross-Entropy (`cut-cross-entropy`), and the output layer's three GEMMs in float8
-through torchao's `Float8Linear`.
+More rows where their packages are installed (none is a requirement): Liger's fused linear + cross-entropy,
+Apple's Cut Cross-Entropy (`cut-cross-entropy`), and the output layer's GEMMs in float8 through torchao's
+`Float8Linear`.
 """
 
 import argparse
