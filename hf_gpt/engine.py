@@ -360,8 +360,9 @@ def prepare_training(cfg, model, accelerator, total_steps: int):
     base.loss_type = base.loss_type or "ForCausalLM"
     optimizer = build_optimizer(model, cfg)  # after .to(): fused AdamW needs the parameters on the GPU
     model, optimizer = accelerator.prepare(model, optimizer)
-    keep_outputs_in_half(accelerator.unwrap_model(model))
-    detach_training_logits(accelerator.unwrap_model(model))
+    unwrapped = accelerator.unwrap_model(model)
+    keep_outputs_in_half(unwrapped)
+    detach_training_logits(unwrapped)
     scheduler = accelerator.prepare(build_scheduler(optimizer, cfg, total_steps))
     forward = torch.compile(model, mode=cfg.compile_mode or None) if cfg.compile else model
     return model, forward, optimizer, scheduler
