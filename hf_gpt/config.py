@@ -94,6 +94,9 @@ class TrainConfig:
         "help": "torch.compile mode: '' (default), max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs), max-autotune."})
     attn_implementation: str = field(default="sdpa", metadata={
         "help": "sdpa | eager | flex_attention | varlen (packed documents through a variable-length flash kernel; GPU)"})
+    varlen_kernel: str = field(default="auto", metadata={
+        "help": "varlen's kernel on a GPU: torch (PyTorch's FlashAttention-2) | fa4 (flash-attn-4, Hopper and "
+                "Blackwell GPUs) | auto (fa4 where it runs, else torch)"})
     fused_cross_entropy: bool = field(
         default=False, metadata={"help": "GPU: Liger's fused linear + cross-entropy, logits never materialised."})
 
@@ -205,6 +208,7 @@ FRACTIONS = {"val_fraction", "test_fraction", "warmup_ratio", "min_lr_ratio", "d
 
 
 ATTENTION = ("sdpa", "eager", "flex_attention", "varlen")
+VARLEN_KERNELS = ("auto", "torch", "fa4")
 
 
 def check(cfg) -> None:
@@ -221,6 +225,8 @@ def check(cfg) -> None:
     attention = getattr(cfg, "attn_implementation", "sdpa")
     if attention not in ATTENTION:
         raise UserError(f"attn_implementation must be one of {', '.join(ATTENTION)}, not {attention!r}")
+    if getattr(cfg, "varlen_kernel", "auto") not in VARLEN_KERNELS:
+        raise UserError(f"varlen_kernel must be one of {', '.join(VARLEN_KERNELS)}, not {cfg.varlen_kernel!r}")
     if attention in ("flex_attention", "varlen") and getattr(cfg, "dropout", 0):
         raise UserError(f"{attention} has no attention dropout: set --dropout 0 or --attn_implementation sdpa")
     if isinstance(cfg, TrainConfig) and cfg.warmup_steps and cfg.warmup_ratio:

@@ -48,7 +48,7 @@ from .config import UserError, changed_fields, first_line, save_config
 from .files import atomic_folder, atomic_write, recover_folders, replace_folder
 from .generation import SAMPLED, generate
 from .metrics_log import MetricsLog
-from .model import causal_lm_loss, document_mask_inputs
+from .model import VARLEN_KERNEL_NAMES, causal_lm_loss, document_mask_inputs, use_varlen_kernel
 from .optim import build_optimizer, build_scheduler
 from .tokenizer import token_byte_lengths
 
@@ -87,6 +87,10 @@ def start_run(cfg) -> Accelerator:
         if importlib.util.find_spec("torch.nn.attention.varlen") is None:
             raise UserError(f"varlen attention needs torch 2.10 or later (this is {torch.__version__}); "
                             "use --attn_implementation flex_attention")
+    if cfg.attn_implementation == "varlen":
+        kernel = use_varlen_kernel(cfg.varlen_kernel, accelerator.device)
+        if accelerator.device.type == "cuda":
+            accelerator.print(f"varlen attention: {VARLEN_KERNEL_NAMES[kernel]}")
     if accelerator.device.type == "cpu":
         # `accelerate launch` pins CPU runs to one thread (OMP_NUM_THREADS=1) unless its config says
         # otherwise, which halves the default run on a 2-core machine: use the cores this process may

@@ -10,6 +10,9 @@ from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import fa4
+from .config import UserError
+
 # One attention function, registered with transformers under its own name, for every choice but
 # eager. It takes packed documents in whichever form the chosen kernel needs, passed as model
 # keywords that transformers hands through to the attention function untouched:
@@ -72,8 +75,32 @@ def varlen_attention(query, key, value, cu_seq_lens, max_length: int, scaling=No
     # (batch, heads, T, dim) -> (batch * T, heads, dim): transformers' q/k/v are transposed views of one
     # (batch, T, 3 x embd) projection, so this is a view, not a copy.
     q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))
-    out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling, **VARLEN_CAUSAL)
+    if _varlen_kernel == "fa4":
+        out = fa4.varlen_attention(q, k, v, cu_seq_lens, max_length, dim ** -0.5 if scaling is None else scaling)
+    else:
+        out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling, **VARLEN_CAUSAL)
     return out.view(batch, length, heads, dim)
+
+
+_varlen_kernel = "torch"  # the process's kernel for varlen on a GPU; see use_varlen_kernel
+VARLEN_KERNEL_NAMES = {"torch": "PyTorch's FlashAttention-2 kernel", "fa4": "FA4 (flash-attn-4)"}
+
+
+def use_varlen_kernel(choice: str, device: torch.device) -> str:
+    """Run varlen on `choice`'s kernel ("torch", "fa4" or "auto": fa4 where it runs), in this process from
+    now on; returns the kernel chosen. A kernel belongs to the installed packages and the GPU, not to
+    one model, so it is the process's setting, as the attention functions registered above are."""
+    global _varlen_kernel
+    why_not = fa4.unavailable(device) if choice != "torch" else "not chosen"
+    if choice == "fa4" and why_not:
+        raise UserError(f"varlen_kernel fa4: {why_not}")
+    _varlen_kernel = "torch" if why_not else "fa4"
+    return _varlen_kernel
+
+
+def varlen_kernel() -> str:
+    """The kernel varlen runs on a GPU in this process: "torch" or "fa4"."""
+    return _varlen_kernel
 
 
 def _causal_keyword() -> dict:

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from hf_gpt.config import PretrainConfig, UserError, load_config, run_cli  # noqa: E402
 from hf_gpt.data import positions_from_eos  # noqa: E402
 from hf_gpt.engine import FiniteGuard, accumulation_steps, optimizer_step, prepare_training, start_run  # noqa: E402
-from hf_gpt.model import build_model  # noqa: E402
+from hf_gpt.model import build_model, varlen_kernel  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # datasheet peak (SXM); the measured matmul ceiling here is ~798
 
@@ -154,8 +154,9 @@ def benchmark_train(cfg) -> dict:
         "processes": accelerator.num_processes, "micro_batch_size": cfg.micro_batch_size,
         "block_size": cfg.block_size, "gradient_accumulation_steps": accum,
         "compile": cfg.compile, "compile_mode": cfg.compile_mode,
-        "attn_implementation": cfg.attn_implementation, "fused_cross_entropy": cfg.fused_cross_entropy,
-        "document_masking": cfg.document_masking, "mixed_precision": accelerator.mixed_precision,
+        "attn_implementation": cfg.attn_implementation,
+        "varlen_kernel": varlen_kernel() if cfg.attn_implementation == "varlen" else None,
+        "fused_cross_entropy": cfg.fused_cross_entropy, "document_masking": cfg.document_masking, "mixed_precision": accelerator.mixed_precision,
         "tokens_per_s": round(tps), "step_time_s": seconds / cfg.benchmark_steps,
         # per GPU against the reference's one GPU
         "vs_reference": round(tps / accelerator.num_processes / reference, 4) if reference else None,

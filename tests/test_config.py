@@ -60,6 +60,7 @@ def test_a_recipe_with_a_token_budget_trains_for_it():
     ("lora", ["--learning_rate", "nan"], "learning_rate must be 0 or more, not nan"),
     ("pretrain", ["--attn_implementation", "flash"], "attn_implementation must be one of sdpa, eager, "),
     ("pretrain", ["--attn_implementation", "varlen", "--dropout", "0.1"], "varlen has no attention dropout"),
+    ("lora", ["--varlen_kernel", "fa3"], "varlen_kernel must be one of auto, torch, fa4, not 'fa3'"),
     ("sft", ["--attn_implementation", "flex_attention", "--dropout", "0.1"], "flex_attention has no attention dropout"),
 ])
 def test_every_recipe_checks_its_values_when_parsed(recipe, args, message):

@@ -5,6 +5,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from hf_gpt.model import attention_name, document_bounds, document_causal_mask, document_mask_inputs
 
 
+def fa4_unavailable():
+    from hf_gpt import fa4
+
+    return fa4.unavailable(torch.device("cuda")) if torch.cuda.is_available() else "no GPU"
+
+
 def tiny_gpt2(attn_implementation: str) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
@@ -115,11 +121,16 @@ def test_hidden_state_loss_path_equals_transformers_loss():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention and Liger need a GPU")
-@pytest.mark.parametrize("impl", ["sdpa", "flex_attention", "varlen"])
-def test_packed_equals_separate_on_gpu_with_compile(impl):
+@pytest.mark.parametrize("impl", ["sdpa", "flex_attention", "varlen", pytest.param(
+    "varlen+fa4", marks=pytest.mark.skipif(bool(fa4_unavailable()), reason=f"FA4: {fa4_unavailable()}"))])
+def test_packed_equals_separate_on_gpu_with_compile(impl, monkeypatch):
     """The fast path (compiled, bf16: varlen flash, flex BlockMask or sdpa mask) keeps documents apart too."""
+    import hf_gpt.model
     from hf_gpt.model import PACKED
 
+    if impl == "varlen+fa4":
+        monkeypatch.setattr(hf_gpt.model, "_varlen_kernel", "fa4")
+        impl = "varlen"
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=512, n_positions=256, n_embd=128, n_layer=2, n_head=4)
     config._attn_implementation = attention_name(impl)
@@ -136,3 +147,111 @@ def test_packed_equals_separate_on_gpu_with_compile(impl):
     torch.testing.assert_close(packed, separate, atol=3e-2, rtol=3e-2)  # bf16
     error = ((packed - separate).norm() / separate.norm()).item()
     assert error < 1e-2, error
+
+
+def block_diagonal_attention(q, k, v, cu_seq_lens, scale):
+    """Causal attention within each document, (tokens, heads, dim) in and out, and its log-sum-exp (heads,
+    tokens): the function flash-attn-4's kernels compute, in plain PyTorch."""
+    starts = torch.zeros(q.shape[0], dtype=torch.long)
+    starts[cu_seq_lens[:-1].long()] = 1
+    doc = starts.cumsum(0)
+    allowed = (doc[:, None] == doc[None, :]).tril()
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v), scores.logsumexp(-1)
+
+
+class StandInFA4:
+    """flash-attn-4's `_flash_attn_fwd` and `_flash_attn_bwd` (their arguments, layouts and outputs) computed by
+    block_diagonal_attention, so the custom ops around them run on a CPU. Records what the backward got."""
+
+    def forward(self, q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                return_lse):
+        assert causal and return_lse and cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k
+        out, lse = block_diagonal_attention(q, k, v, cu_seqlens_q, softmax_scale)
+        return out, lse, None, None, None
+
+    def backward(self, q, k, v, out, dout, lse, softmax_scale, causal, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                 max_seqlen_k, dq, dk, dv):
+        # Attention's backward by hand, from the forward's out and log-sum-exp as flash kernels do it (autograd
+        # records nothing inside a custom op).
+        assert causal and cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k
+        self.saved = (out, lse)
+        starts = torch.zeros(q.shape[0], dtype=torch.long)
+        starts[cu_seqlens_q[:-1].long()] = 1
+        doc = starts.cumsum(0)
+        allowed = (doc[:, None] == doc[None, :]).tril()
+        scores = torch.einsum("qhd,khd->hqk", q, k) * softmax_scale
+        p = (scores - lse[..., None]).exp() * allowed
+        dp = torch.einsum("qhd,khd->hqk", dout, v)
+        ds = p * (dp - (dout * out).sum(-1).T[..., None])
+        dq.copy_(torch.einsum("hqk,khd->qhd", ds, k) * softmax_scale)
+        dk.copy_(torch.einsum("hqk,qhd->khd", ds, q) * softmax_scale)
+        dv.copy_(torch.einsum("hqk,qhd->khd", p, dout))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fa4_custom_ops_carry_forward_and_backward(monkeypatch, compiled):
+    """hf_gpt.fa4's custom ops hand flash-attn-4's kernels the right tensors and route their gradients to q, k and
+    v, also compiled with fullgraph over batches of different document counts (its kernels need a GPU: these are
+    stand-ins; tests/test_model.py's GPU tests run the real ones)."""
+    from hf_gpt import fa4
+
+    kernels = StandInFA4()
+    monkeypatch.setattr(fa4, "kernels", lambda: (kernels.forward, kernels.backward))
+    attention = torch.compile(fa4.varlen_attention, backend="aot_eager", fullgraph=True) if compiled \
+        else fa4.varlen_attention
+    for bounds in ([0, 5, 12, 20], [0, 3, 20]):
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        torch._dynamo.maybe_mark_dynamic(cu, 0)
+        qkv = torch.randn(20, 3 * 2 * 8, generator=torch.Generator().manual_seed(len(bounds)), requires_grad=True)
+        q, k, v = (t.view(20, 2, 8) for t in qkv.split(16, dim=1))  # strided views of one projection, as in GPT-2
+        out = attention(q, k, v, cu, 20, 0.3)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+
+        leaf = qkv.detach().requires_grad_()
+        expected, lse = block_diagonal_attention(*(t.view(20, 2, 8) for t in leaf.split(16, dim=1)), cu, 0.3)
+        expected.backward(grad)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(qkv.grad, leaf.grad)
+        torch.testing.assert_close(kernels.saved[0], expected.detach())  # the backward got the forward's out
+        torch.testing.assert_close(kernels.saved[1], lse.detach())  # and its log-sum-exp
+
+
+def test_varlen_kernel_choice_on_a_cpu():
+    from hf_gpt.config import UserError
+    from hf_gpt.model import use_varlen_kernel, varlen_kernel
+
+    assert use_varlen_kernel("auto", torch.device("cpu")) == "torch" == varlen_kernel()
+    with pytest.raises(UserError, match="^varlen_kernel fa4: FA4 runs on NVIDIA GPUs, not cpu$"):
+        use_varlen_kernel("fa4", torch.device("cpu"))
+    assert varlen_kernel() == "torch"
+
+
+@pytest.mark.skipif(bool(fa4_unavailable()), reason=f"FA4: {fa4_unavailable()}")
+def test_fa4_matches_pytorch_varlen_kernel_on_gpu():
+    """FA4 against PyTorch's FlashAttention-2 kernel on the same packed documents, both against float32: its
+    output and gradients are as close to the exact values as the kernel it replaces."""
+    from hf_gpt import fa4
+    from hf_gpt.model import VARLEN_CAUSAL
+    from torch.nn.attention.varlen import varlen_attn
+
+    tokens, heads, dim = 4096, 12, 64
+    cu = torch.tensor([0, 700, 1024, 1900, 2048, 3000, 3072, 4096], dtype=torch.int32, device="cuda")
+    qkv0 = torch.randn(tokens, 3 * heads * dim, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    grad = torch.randn(tokens, heads, dim, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+
+    def run(kernel, dtype):
+        qkv = qkv0.to(dtype).requires_grad_()
+        out = kernel(*(t.view(tokens, heads, dim) for t in qkv.split(heads * dim, dim=1)))
+        out.backward(grad.to(dtype))
+        return out.float(), qkv.grad.float()
+
+    exact = run(lambda q, k, v: block_diagonal_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), dim ** -0.5)[0].cuda(),
+                torch.float32)
+    torch_kernel = run(lambda q, k, v: varlen_attn(q, k, v, cu, cu, 1024, 1024, **VARLEN_CAUSAL), torch.bfloat16)
+    fa4_kernel = run(lambda q, k, v: fa4.varlen_attention(q, k, v, cu, 1024, dim ** -0.5), torch.bfloat16)
+    for ours, theirs, truth in zip(fa4_kernel, torch_kernel, exact):
+        error = ((ours - truth).norm() / truth.norm()).item()
+        assert error < 1.25 * ((theirs - truth).norm() / truth.norm()).item() and error < 1e-2, error

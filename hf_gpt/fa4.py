@@ -1,0 +1,98 @@
+"""FA4 — flash-attn-4's CuTe DSL kernels for Hopper and Blackwell — for packed documents, as PyTorch custom ops.
+
+`attn_implementation: varlen` runs PyTorch's variable-length kernel (FlashAttention-2) by default. On an
+H100, FA4's kernels take GPT-2 124M with document masking from 0.94 to 0.99 of the hand-written reference
+(README, issue 11), with the same error against float32. flash-attn-4 ships its kernels as an autograd
+Function that torch.compile cannot trace, so its forward and backward are wrapped here as custom ops, each
+with a shape-only fake: a compiled model then holds them as two opaque kernels, one graph for every number
+of documents. `pip install flash-attn-4` (4.0.0b36 tested) and `--varlen_kernel fa4` (or `auto`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+
+import torch
+from torch import Tensor
+
+from .config import first_line
+
+TESTED = "4.0.0b36"
+
+
+def kernels():
+    """flash-attn-4's forward and backward; its public function is the autograd Function we cannot compile."""
+    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+    return _flash_attn_fwd, _flash_attn_bwd
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why FA4 cannot run on `device`, or None when it can."""
+    if device.type != "cuda":
+        return f"FA4 runs on NVIDIA GPUs, not {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"FA4 needs a Hopper or Blackwell GPU; this {torch.cuda.get_device_name(device)} is sm_{major}{minor}"
+    if importlib.util.find_spec("flash_attn") is None:
+        return f"flash-attn-4 is not installed (pip install flash-attn-4=={TESTED})"
+    try:
+        forward, backward = kernels()
+    except Exception as e:  # flash-attn 2 has no cute kernels; a broken CUTLASS DSL install fails here too
+        return f"flash-attn-4 does not load: {first_line(e)}"
+    # The early FA4 bundled with flash-attn 2.8 has these functions with other arguments.
+    if "return_lse" not in inspect.signature(forward).parameters or "dq" not in inspect.signature(backward).parameters:
+        return f"this flash_attn.cute is not flash-attn-4's (pip install flash-attn-4=={TESTED})"
+    return None
+
+
+@torch.library.custom_op("hf_gpt::fa4_varlen_forward", mutates_args=())
+def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seq_lens: Tensor, max_length: int,
+                   scale: float) -> tuple[Tensor, Tensor]:
+    forward, _ = kernels()
+    # return_lse: the backward needs it, and inside a custom op no input requires grad to say so.
+    out, lse, *_ = forward(q, k, v, cu_seqlens_q=cu_seq_lens, cu_seqlens_k=cu_seq_lens, max_seqlen_q=max_length,
+                           max_seqlen_k=max_length, softmax_scale=scale, causal=True, return_lse=True)
+    return out, lse
+
+
+@varlen_forward.register_fake
+def _(q, k, v, cu_seq_lens, max_length, scale):
+    # out: (tokens, heads, dim), contiguous; lse: (heads, tokens), float32 — FA4's layouts for packed input.
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_gpt::fa4_varlen_backward", mutates_args=())
+def varlen_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seq_lens: Tensor,
+                    max_length: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    _, backward = kernels()
+    # Contiguous gradients whatever q/k/v's strides (views of GPT-2's one qkv projection): the fake's layout.
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    backward(q, k, v, out, grad.contiguous(), lse, scale, True, cu_seqlens_q=cu_seq_lens, cu_seqlens_k=cu_seq_lens,
+             max_seqlen_q=max_length, max_seqlen_k=max_length, dq=dq, dk=dk, dv=dv)
+    return dq, dk, dv
+
+
+@varlen_backward.register_fake
+def _(grad, q, k, v, out, lse, cu_seq_lens, max_length, scale):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v))
+
+
+def _save(ctx, inputs, output):
+    q, k, v, cu_seq_lens, max_length, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seq_lens)
+    ctx.max_length, ctx.scale = max_length, scale
+
+
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, out, lse, cu_seq_lens = ctx.saved_tensors
+    return *varlen_backward(grad, q, k, v, out, lse, cu_seq_lens, ctx.max_length, ctx.scale), None, None, None
+
+
+varlen_forward.register_autograd(_backward, setup_context=_save)
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seq_lens: Tensor, max_length: int, scale: float) -> Tensor:
+    """Causal attention within each packed document: (tokens, heads, dim) in and out, as PyTorch's varlen_attn."""
+    return varlen_forward(q, k, v, cu_seq_lens, max_length, scale)[0]
