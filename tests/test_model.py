@@ -243,7 +243,7 @@ def test_fa4_matches_pytorch_varlen_kernel_on_gpu():
     grad = torch.randn(tokens, heads, dim, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
 
     def run(kernel, dtype):
-        qkv = qkv0.to(dtype).requires_grad_()
+        qkv = qkv0.to(dtype).clone().requires_grad_()  # a leaf of its own in each dtype, float32 too
         out = kernel(*(t.view(tokens, heads, dim) for t in qkv.split(heads * dim, dim=1)))
         out.backward(grad.to(dtype))
         return out.float(), qkv.grad.float()
