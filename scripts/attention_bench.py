@@ -7,9 +7,8 @@ and each kernel's error against PyTorch's variable-length flash kernel (FA2). Pr
 batch with the causal triangle only, so it does more work than document masking needs.
 
 Two more rows where their packages are installed (neither is a requirement): cuDNN's packed-document (THD)
-kernel through `nvidia-cudnn-frontend`'s torch ops, and FA4 (`flash-attn-4`, CuTe DSL) put behind PyTorch's
-flash ops with `torch.nn.attention.activate_flash_attention_impl("FA4")`; FA4 runs last, since from then on
-`varlen_attn` runs it.
+kernel through `nvidia-cudnn-frontend`'s torch ops, and FA4 (`flash-attn-4`) as `varlen_kernel: fa4` runs it
+(hf_gpt/fa4.py's custom ops).
 """
 
 import argparse
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from hf_gpt import fa4  # noqa: E402
 from hf_gpt.config import first_line  # noqa: E402
 from hf_gpt.model import VARLEN_CAUSAL  # noqa: E402
 
@@ -104,16 +104,15 @@ def main():
                                         max_seqlen_q=T, max_seqlen_kv=T, return_lse=True)[0]
 
     def fa4_varlen(q, k, v):
-        from torch.nn.attention import activate_flash_attention_impl
-
-        activate_flash_attention_impl("FA4")  # once per process: aten's flash ops, so varlen_attn, run FA4 now
-        return fa2_varlen(q, k, v)
+        return fa4.varlen_attention(q, k, v, cu, T, scale)
 
     kernels = [("FA2 varlen", fa2_varlen), ("flex + BlockMask", flex_blockmask),
                ("sdpa + dense mask", sdpa_dense_mask), ("nested (jagged) sdpa", nested_jagged),
                ("causal, no documents", causal_no_documents)]
-    optional = [("cuDNN THD (frontend)", "cudnn", cudnn_thd), ("FA4 varlen", "flash_attn", fa4_varlen)]
-    kernels += [(name, fn) for name, package, fn in optional if importlib.util.find_spec(package)]
+    if importlib.util.find_spec("cudnn"):
+        kernels.append(("cuDNN THD (frontend)", cudnn_thd))
+    if not fa4.unavailable(torch.device("cuda")):
+        kernels.append(("FA4 varlen", fa4_varlen))
     reference = run(fa2_varlen)
     for name, fn in kernels:
         try:
