@@ -149,15 +149,19 @@ def test_packed_equals_separate_on_gpu_with_compile(impl, monkeypatch):
     assert error < 1e-2, error
 
 
+def same_document_causal(cu_seq_lens, tokens: int):
+    """(tokens, tokens): True where a query may see a key — earlier or itself, in its own document."""
+    starts = torch.zeros(tokens, dtype=torch.long)
+    starts[cu_seq_lens[:-1].long()] = 1
+    doc = starts.cumsum(0)
+    return (doc[:, None] == doc[None, :]).tril()
+
+
 def block_diagonal_attention(q, k, v, cu_seq_lens, scale):
     """Causal attention within each document, (tokens, heads, dim) in and out, and its log-sum-exp (heads,
     tokens): the function flash-attn-4's kernels compute, in plain PyTorch."""
-    starts = torch.zeros(q.shape[0], dtype=torch.long)
-    starts[cu_seq_lens[:-1].long()] = 1
-    doc = starts.cumsum(0)
-    allowed = (doc[:, None] == doc[None, :]).tril()
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = scores.masked_fill(~same_document_causal(cu_seq_lens, q.shape[0]), float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v), scores.logsumexp(-1)
 
 
@@ -177,12 +181,8 @@ class StandInFA4:
         # records nothing inside a custom op).
         assert causal and cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k
         self.saved = (out, lse)
-        starts = torch.zeros(q.shape[0], dtype=torch.long)
-        starts[cu_seqlens_q[:-1].long()] = 1
-        doc = starts.cumsum(0)
-        allowed = (doc[:, None] == doc[None, :]).tril()
         scores = torch.einsum("qhd,khd->hqk", q, k) * softmax_scale
-        p = (scores - lse[..., None]).exp() * allowed
+        p = (scores - lse[..., None]).exp() * same_document_causal(cu_seqlens_q, q.shape[0])
         dp = torch.einsum("qhd,khd->hqk", dout, v)
         ds = p * (dp - (dout * out).sum(-1).T[..., None])
         dq.copy_(torch.einsum("hqk,khd->qhd", ds, k) * softmax_scale)
@@ -194,7 +194,7 @@ class StandInFA4:
 def test_fa4_custom_ops_carry_forward_and_backward(monkeypatch, compiled):
     """hf_gpt.fa4's custom ops hand flash-attn-4's kernels the right tensors and route their gradients to q, k and
     v, also compiled with fullgraph over batches of different document counts (its kernels need a GPU: these are
-    stand-ins; tests/test_model.py's GPU tests run the real ones)."""
+    stand-ins; the GPU tests here run the real ones)."""
     from hf_gpt import fa4
 
     kernels = StandInFA4()
