@@ -83,13 +83,13 @@ def start_run(cfg) -> Accelerator:
     set_seed(cfg.seed)
     if accelerator.device.type == "cpu" and cfg.attn_implementation == "flex_attention":
         raise UserError("flex_attention trains on GPUs only (no backward on CPU); use --attn_implementation sdpa")
-    if accelerator.device.type == "cuda" and cfg.attn_implementation == "varlen":
-        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+    if cfg.attn_implementation == "varlen":
+        cuda = accelerator.device.type == "cuda"
+        if cuda and importlib.util.find_spec("torch.nn.attention.varlen") is None:
             raise UserError(f"varlen attention needs torch 2.10 or later (this is {torch.__version__}); "
                             "use --attn_implementation flex_attention")
-    if cfg.attn_implementation == "varlen":
         kernel = use_varlen_kernel(cfg.varlen_kernel, accelerator.device)
-        if accelerator.device.type == "cuda":
+        if cuda:  # on a CPU, varlen is sdpa with the documents' mask whatever the kernel (tests)
             accelerator.print(f"varlen attention: {VARLEN_KERNEL_NAMES[kernel]}")
     if accelerator.device.type == "cpu":
         # `accelerate launch` pins CPU runs to one thread (OMP_NUM_THREADS=1) unless its config says
