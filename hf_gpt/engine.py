@@ -48,7 +48,7 @@ from .config import UserError, changed_fields, first_line, save_config
 from .files import atomic_folder, atomic_write, recover_folders, replace_folder
 from .generation import SAMPLED, generate
 from .metrics_log import MetricsLog
-from .model import VARLEN_KERNEL_NAMES, causal_lm_loss, document_mask_inputs, use_varlen_kernel
+from .model import VARLEN_KERNEL_NAMES, causal_lm_loss, document_mask_inputs, linear_layout, use_varlen_kernel
 from .optim import build_optimizer, build_scheduler
 from .tokenizer import token_byte_lengths
 
@@ -357,6 +357,8 @@ def unwritable_as_error(what: str, folder: Path):
 def prepare_training(cfg, model, accelerator, total_steps: int):
     """Model on its device, AdamW and the schedule, all through `accelerator.prepare`; plus the
     (optionally compiled) forward the loop calls."""
+    if cfg.linear_layout and not hasattr(model, "get_base_model") and accelerator.distributed_type != DistributedType.FSDP:
+        linear_layout(model)  # PEFT adapts GPT-2's Conv1D itself; FSDP shards the weights as GPT-2 stores them
     model.to(accelerator.device)
     # GPT-2 models (fresh, loaded, or under a PEFT wrapper) leave loss_type None, and transformers warns
     # at the first loss before falling back to this same causal-LM loss.

@@ -1,4 +1,5 @@
-"""The model: a fresh `GPT2LMHeadModel`, the attention that keeps packed documents apart, and the loss."""
+"""The model: a fresh `GPT2LMHeadModel`, the attention that keeps packed documents apart, its `Conv1D` layers as
+`nn.Linear` for training, and the loss."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -144,6 +147,42 @@ def build_model(cfg, vocab_size: int, eos_token_id: int) -> GPT2LMHeadModel:
             block.attn.c_attn.bias.data.zero_()
             block.attn.c_attn.bias.requires_grad_(False)
     return model
+
+
+class Linear(nn.Linear):
+    """GPT-2's `Conv1D` as the `nn.Linear` it is: the same function, the weight held (out, in) instead of (in, out).
+
+    cuBLAS runs GPT-2's GEMMs faster so: a profiled H100 step spent 34.0 ms in them, a hand-written GPT-2 of the
+    same shapes with nn.Linear 33.1, and training this way runs 0.2-1.3% faster (issue 11, README). State dicts
+    keep Conv1D's layout, so checkpoints and saved models are plain GPT-2's.
+    """
+
+    def __init__(self, conv: Conv1D):
+        super().__init__(conv.nx, conv.nf, device="meta")
+        # conv's own Parameter, transposed in place: whatever holds it (a hook, a reference) still does.
+        conv.weight.data = conv.weight.data.t().contiguous()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.register_state_dict_post_hook(_as_conv1d_weight)
+        self.register_load_state_dict_pre_hook(_as_linear_weight)
+
+
+def _as_conv1d_weight(module, state_dict, prefix, local_metadata):
+    key = prefix + "weight"
+    state_dict[key] = state_dict[key].t().contiguous()
+
+
+def _as_linear_weight(module, state_dict, prefix, *args):
+    key = prefix + "weight"
+    if key in state_dict:
+        state_dict[key] = state_dict[key].t()
+
+
+def linear_layout(model) -> None:
+    """Every `Conv1D` of `model` (a GPT-2) swapped for `Linear`, in place, for training."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is Conv1D:
+                setattr(module, name, Linear(child))
 
 
 def attention_name(choice: str) -> str:
