@@ -298,13 +298,17 @@ RESUMABLE = ("max_steps", "max_tokens", "epochs", "log_every", "eval_every", "sa
 
 def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int) -> list[str]:
     """The changes (`field old -> new`) of RESUMABLE fields from the run's config.yaml; other changes, and
-    another number of processes (each saved its place in its own share of the data), are refused."""
+    another number of processes (each saved its place in its own share of the data), are refused. A run started
+    before `linear_layout` existed goes on without it: its checkpoints hold AdamW's moments in Conv1D's layout."""
     saved_by = len(list(checkpoint.glob("progress_*.pt")))
     if saved_by != num_processes:
         raise UserError(f"{checkpoint} was saved by {saved_by} processes and this run has {num_processes}; "
                         f"resume with {saved_by} (each process saved its place in its own share of the data)")
     saved = output_dir / "config.yaml"
-    changes = changed_fields(yaml.safe_load(saved.read_text()) if saved.exists() else {}, cfg)
+    saved = yaml.safe_load(saved.read_text()) if saved.exists() else {}
+    if saved and "linear_layout" not in saved:
+        cfg.linear_layout = False
+    changes = changed_fields(saved, cfg)
     refused = [text for k, text in changes.items() if k not in RESUMABLE]
     if refused:
         raise UserError(f"{output_dir} was started with other settings (its config.yaml): {', '.join(refused)}; "

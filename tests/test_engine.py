@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
@@ -147,6 +148,20 @@ def test_a_run_stopped_by_a_signal_between_log_steps_resumes_with_the_same_rows(
     assert not (stopped / "final").exists()
     assert train_in_process([*common, "--output_dir", str(stopped), "--resume"]).steps == 8
     assert rows_without_timing(stopped) == rows_without_timing(tmp_path / "straight")
+
+
+def test_a_run_started_before_linear_layout_resumes_in_conv1d_layout(tiny_args, tmp_path):
+    """Its checkpoints hold AdamW's moments in Conv1D's layout (its config.yaml has no linear_layout): it resumes in
+    that layout and trains on as if uninterrupted."""
+    common = [*tiny_args, "--max_steps", "8", "--log_every", "3"]
+    train_in_process([*common, "--linear_layout", "False", "--output_dir", str(tmp_path / "straight")])
+    old = tmp_path / "old"
+    train_in_process([*common, "--linear_layout", "False", "--output_dir", str(old)], lambda data: StopAt(data, 4))
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    del config["linear_layout"]  # as the version before it wrote config.yaml
+    (old / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert train_in_process([*common, "--output_dir", str(old), "--resume"]).steps == 8
+    assert rows_without_timing(old) == rows_without_timing(tmp_path / "straight")
 
 
 @pytest.fixture
