@@ -361,8 +361,9 @@ def unwritable_as_error(what: str, folder: Path):
 def prepare_training(cfg, model, accelerator, total_steps: int):
     """Model on its device, AdamW and the schedule, all through `accelerator.prepare`; plus the
     (optionally compiled) forward the loop calls."""
+    # Not under PEFT, which adapts GPT-2's Conv1D itself, nor FSDP, which shards the weights as GPT-2 stores them.
     if cfg.linear_layout and not hasattr(model, "get_base_model") and accelerator.distributed_type != DistributedType.FSDP:
-        linear_layout(model)  # PEFT adapts GPT-2's Conv1D itself; FSDP shards the weights as GPT-2 stores them
+        linear_layout(model)
     model.to(accelerator.device)
     # GPT-2 models (fresh, loaded, or under a PEFT wrapper) leave loss_type None, and transformers warns
     # at the first loss before falling back to this same causal-LM loss.

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
-from transformers.pytorch_utils import Conv1D
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.pytorch_utils import Conv1D
 
 from . import fa4
 from .config import UserError
@@ -152,9 +152,10 @@ def build_model(cfg, vocab_size: int, eos_token_id: int) -> GPT2LMHeadModel:
 class Linear(nn.Linear):
     """GPT-2's `Conv1D` as the `nn.Linear` it is: the same function, the weight held (out, in) instead of (in, out).
 
-    cuBLAS runs GPT-2's GEMMs faster so: a profiled H100 step spent 34.0 ms in them, a hand-written GPT-2 of the
-    same shapes with nn.Linear 33.1, and training this way runs 0.2-1.3% faster (issue 11, README). State dicts
-    keep Conv1D's layout, so checkpoints and saved models are plain GPT-2's.
+    cuBLAS multiplies faster with the weight laid out so: a profiled H100 step spent 34.0 ms in GPT-2's matmuls
+    and 33.1 in those of a hand-written GPT-2 of the same shapes with nn.Linear, and training this way runs
+    0.2-1.3% faster (issue 11, README). State dicts keep Conv1D's layout, so checkpoints and saved models are
+    plain GPT-2's.
     """
 
     def __init__(self, conv: Conv1D):
@@ -174,7 +175,7 @@ def _as_conv1d_weight(module, state_dict, prefix, local_metadata):
 def _as_linear_weight(module, state_dict, prefix, *args):
     key = prefix + "weight"
     if key in state_dict:
-        state_dict[key] = state_dict[key].t()
+        state_dict[key] = state_dict[key].t().contiguous()  # contiguous: a load that assigns keeps this layout
 
 
 def linear_layout(model) -> None:
