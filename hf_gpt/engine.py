@@ -361,13 +361,14 @@ def unwritable_as_error(what: str, folder: Path):
 def prepare_training(cfg, model, accelerator, total_steps: int):
     """Model on its device, AdamW and the schedule, all through `accelerator.prepare`; plus the
     (optionally compiled) forward the loop calls."""
+    peft = hasattr(model, "get_base_model")
     # Not under PEFT, which adapts GPT-2's Conv1D itself, nor FSDP, which shards the weights as GPT-2 stores them.
-    if cfg.linear_layout and not hasattr(model, "get_base_model") and accelerator.distributed_type != DistributedType.FSDP:
+    if cfg.linear_layout and not peft and accelerator.distributed_type != DistributedType.FSDP:
         linear_layout(model)
     model.to(accelerator.device)
     # GPT-2 models (fresh, loaded, or under a PEFT wrapper) leave loss_type None, and transformers warns
     # at the first loss before falling back to this same causal-LM loss.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.get_base_model() if peft else model
     base.loss_type = base.loss_type or "ForCausalLM"
     optimizer = build_optimizer(model, cfg)  # after .to(): fused AdamW needs the parameters on the GPU
     model, optimizer = accelerator.prepare(model, optimizer)
