@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import load as accelerate_load, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, load as accelerate_load, set_seed
 from accelerate.utils.operations import ConvertOutputsToFp32
 from safetensors import SafetensorError
 from torch.distributed.tensor import DTensor
@@ -65,6 +65,14 @@ class RunResult:
     stopped_early: bool
 
 
+# DDP all-reduces gradients in buckets (25 MB by default), and under torch.compile dynamo splits the compiled
+# graph at every bucket boundary so that each bucket's all-reduce starts while the backward goes on: ~15
+# graphs for GPT-2 124M in every micro-batch, `no_sync` or not, each boundary a lost fusion and more launches.
+# 100 MB buckets make ~5; gradients kept as views into them skip a copy. Two H100s, one call (README):
+# x one GPU 1.90 -> 1.93 at 8 micro-batches a step, 1.82 -> 1.85 at one.
+DDP_BUCKETS = DistributedDataParallelKwargs(bucket_cap_mb=100, gradient_as_bucket_view=True)
+
+
 def start_run(cfg) -> Accelerator:
     """Accelerator, seeds and output-folder checks, before the recipe builds its tokenizer and model."""
     out = Path(cfg.output_dir)
@@ -79,6 +87,7 @@ def start_run(cfg) -> Accelerator:
         project_dir=str(out),
         # Our schedule counts optimizer steps; by default Accelerate steps it once per process.
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DDP_BUCKETS],
     )
     set_seed(cfg.seed)
     if accelerator.device.type == "cpu" and cfg.attn_implementation == "flex_attention":

@@ -202,7 +202,8 @@ def profile(run, path: Path) -> None:
         run()
         if cuda:
             torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=60,
+    # By self time: every kernel counted once, not again under each operator that launched it.
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=150,
                                       max_name_column_width=90)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table)
