@@ -163,16 +163,12 @@ class Linear(nn.Linear):
         # conv's own Parameter, transposed in place: whatever holds it (a hook, a reference) still does.
         conv.weight.data = conv.weight.data.t().contiguous()
         self.weight, self.bias = conv.weight, conv.bias
-        self.register_state_dict_post_hook(_as_conv1d_weight)
-        self.register_load_state_dict_pre_hook(_as_linear_weight)
+        # Out to Conv1D's layout when saved, back to ours when loaded: the same transpose both ways.
+        self.register_state_dict_post_hook(_transpose_weight)
+        self.register_load_state_dict_pre_hook(_transpose_weight)
 
 
-def _as_conv1d_weight(module, state_dict, prefix, local_metadata):
-    key = prefix + "weight"
-    state_dict[key] = state_dict[key].t().contiguous()
-
-
-def _as_linear_weight(module, state_dict, prefix, *args):
+def _transpose_weight(module, state_dict, prefix, *args):
     key = prefix + "weight"
     if key in state_dict:
         state_dict[key] = state_dict[key].t().contiguous()  # contiguous: a load that assigns keeps this layout
