@@ -48,7 +48,8 @@ from .config import UserError, changed_fields, first_line, save_config
 from .files import atomic_folder, atomic_write, recover_folders, replace_folder
 from .generation import SAMPLED, generate
 from .metrics_log import MetricsLog
-from .model import VARLEN_KERNEL_NAMES, causal_lm_loss, document_mask_inputs, linear_layout, use_varlen_kernel
+from .model import (VARLEN_KERNEL_NAMES, causal_lm_loss, document_mask_inputs, linear_layout, qkv_attention,
+                    use_varlen_kernel)
 from .optim import build_optimizer, build_scheduler
 from .tokenizer import token_byte_lengths
 
@@ -374,6 +375,8 @@ def prepare_training(cfg, model, accelerator, total_steps: int):
     # Not under PEFT, which adapts GPT-2's Conv1D itself, nor FSDP, which shards the weights as GPT-2 stores them.
     if cfg.linear_layout and not peft and accelerator.distributed_type != DistributedType.FSDP:
         linear_layout(model)
+    if cfg.attn_implementation == "varlen":
+        qkv_attention(model)
     model.to(accelerator.device)
     # GPT-2 models (fresh, loaded, or under a PEFT wrapper) leave loss_type None, and transformers warns
     # at the first loss before falling back to this same causal-LM loss.

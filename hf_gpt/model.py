@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
 from . import fa4
@@ -33,8 +34,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
                max_length_q=None, document_mask=None, **kwargs):
     if (cu_seq_lens_q is not None or document_mask is not None) and dropout:
         raise ValueError("varlen and flex attention have no attention dropout: set dropout 0 or use sdpa")
-    if cu_seq_lens_q is not None:
-        return varlen_attention(query, key, value, cu_seq_lens_q, max_length_q, scaling), None
+    if cu_seq_lens_q is not None:  # a GPT-2 without QKVAttention (see below): q, k and v stacked, a copy
+        qkv = torch.stack([t.transpose(1, 2) for t in (query, key, value)], dim=2)
+        return varlen_attention(qkv, cu_seq_lens_q, max_length_q, scaling), None
     if document_mask is not None:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -58,31 +60,61 @@ AttentionInterface.register(PACKED, _attention)
 AttentionMaskInterface.register(PACKED, _causal_mask)
 
 
-def varlen_attention(query, key, value, cu_seq_lens, max_length: int, scaling=None) -> torch.Tensor:
-    """Causal attention within each document of a packed batch: (batch, heads, T, dim) in, (batch, T, heads,
-    dim) out. `cu_seq_lens` holds the documents' start offsets in the flattened batch, then its length.
+def varlen_attention(qkv, cu_seq_lens, max_length: int, scaling=None) -> torch.Tensor:
+    """Causal attention within each document of a packed batch: queries, keys and values stacked as (batch, T, 3,
+    heads, dim) in — GPT-2's qkv projection, viewed so — and (batch, T, heads, dim) out. `cu_seq_lens` holds
+    the documents' start offsets in the flattened batch, then its length.
 
-    On a GPU, PyTorch's variable-length flash kernel (torch >= 2.10). Elsewhere the same function through
+    On a GPU, FA4 or PyTorch's variable-length flash kernel (torch >= 2.10). Elsewhere the same function through
     sdpa with the block-diagonal causal mask the bounds describe, so CPU tests run this path too.
     """
-    batch, heads, length, dim = query.shape
-    if not query.is_cuda:
-        starts = torch.zeros(batch * length, dtype=torch.long, device=query.device)
+    batch, length, _, heads, dim = qkv.shape
+    if not qkv.is_cuda:
+        starts = torch.zeros(batch * length, dtype=torch.long, device=qkv.device)
         starts[cu_seq_lens[:-1].long()] = 1
         doc = starts.cumsum(0).view(batch, 1, length)
         allowed = (doc.transpose(1, 2) == doc).tril()  # (batch, T, T); every row starts a document
+        query, key, value = (t.transpose(1, 2) for t in qkv.unbind(2))
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], scale=scaling)
         return out.transpose(1, 2)
     from torch.nn.attention.varlen import varlen_attn
 
-    # (batch, heads, T, dim) -> (batch * T, heads, dim): transformers' q/k/v are transposed views of one
-    # (batch, T, 3 x embd) projection, so this is a view, not a copy.
-    q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))
+    packed = qkv.flatten(0, 1)  # (batch * T, 3, heads, dim): a view
     if _varlen_kernel == "fa4":
-        out = fa4.varlen_attention(q, k, v, cu_seq_lens, max_length, dim ** -0.5 if scaling is None else scaling)
+        out = fa4.varlen_attention(packed, cu_seq_lens, max_length, dim ** -0.5 if scaling is None else scaling)
     else:
-        out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling, **VARLEN_CAUSAL)
+        out = varlen_attn(*packed.unbind(1), cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling,
+                          **VARLEN_CAUSAL)
     return out.view(batch, length, heads, dim)
+
+
+class QKVAttention(GPT2Attention):
+    """GPT-2's attention, which hands packed documents' attention (`cu_seq_lens_q`: varlen) its qkv projection whole.
+
+    transformers splits c_attn's (batch, T, 3 x embd) output into q, k and v before any attention function sees
+    them, and autograd then concatenates their three gradients back into one: a copy of the projection's size
+    in every layer. Given the projection, FA4's backward writes the three side by side (fa4.py). Everything
+    else — no packed documents, cross-attention — is GPT-2's own forward. Only the class differs: the same
+    modules and state dict. Packed documents are whole sequences, so nothing goes into a cache.
+    """
+
+    def forward(self, hidden_states, *args, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+        if cu_seq_lens_q is None or kwargs.get("encoder_hidden_states") is not None:
+            return super().forward(hidden_states, *args, cu_seq_lens_q=cu_seq_lens_q, max_length_q=max_length_q,
+                                   **kwargs)
+        if self.training and self.attn_dropout.p:
+            raise ValueError("varlen attention has no attention dropout: set dropout 0 or use sdpa")
+        batch, length, _ = hidden_states.shape
+        qkv = self.c_attn(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
+        out = varlen_attention(qkv, cu_seq_lens_q, max_length_q, self.scaling)
+        return self.resid_dropout(self.c_proj(out.reshape(batch, length, -1))), None
+
+
+def qkv_attention(model) -> None:
+    """Every `GPT2Attention` of `model` made a `QKVAttention`, in place."""
+    for module in model.modules():
+        if type(module) is GPT2Attention and not module.is_cross_attention:
+            module.__class__ = QKVAttention
 
 
 _varlen_kernel = "torch"  # the process's kernel for varlen on a GPU; see use_varlen_kernel

@@ -47,7 +47,9 @@ def main():
     cu = torch.cat([offsets, torch.tensor([B * T])]).to(torch.int32).cuda()
     docs = starts.cumsum(dim=1).cuda()
     print(f"{B} x {T} tokens, {len(cu) - 1} documents, {H} heads of {D}")
-    q0, k0, v0, grad = (torch.randn(B * T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    # q, k and v as views of one (tokens, 3, heads, dim) projection, as GPT-2's are; each kernel takes them so.
+    qkv0 = torch.randn(B * T, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(B * T, H, D, device="cuda", dtype=torch.bfloat16)
     scale = D ** -0.5
 
     def rows(t):  # (B*T, H, D) -> (B, H, T, D)
@@ -56,55 +58,55 @@ def main():
     def unrows(t):
         return t.transpose(1, 2).reshape(B * T, H, D)
 
-    def fa2_varlen(q, k, v):
-        return varlen_attn(q, k, v, cu, cu, T, T, scale=scale, **VARLEN_CAUSAL)
+    def fa2_varlen(qkv):
+        return varlen_attn(*qkv.unbind(1), cu, cu, T, T, scale=scale, **VARLEN_CAUSAL)
 
     block_mask = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (docs[b, qi] == docs[b, ki]), B, None, T, T)
     flex = torch.compile(flex_attention)
 
-    def flex_blockmask(q, k, v):
-        return unrows(flex(rows(q), rows(k), rows(v), block_mask=block_mask, scale=scale))
+    def flex_blockmask(qkv):
+        return unrows(flex(*map(rows, qkv.unbind(1)), block_mask=block_mask, scale=scale))
 
     dense = ((docs[:, :, None] == docs[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device="cuda").tril())[:, None]
 
-    def sdpa_dense_mask(q, k, v):
-        return unrows(F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=dense, scale=scale))
+    def sdpa_dense_mask(qkv):
+        return unrows(F.scaled_dot_product_attention(*map(rows, qkv.unbind(1)), attn_mask=dense, scale=scale))
 
-    def causal_no_documents(q, k, v):
-        return unrows(F.scaled_dot_product_attention(rows(q), rows(k), rows(v), is_causal=True, scale=scale))
+    def causal_no_documents(qkv):
+        return unrows(F.scaled_dot_product_attention(*map(rows, qkv.unbind(1)), is_causal=True, scale=scale))
 
-    def nested_jagged(q, k, v):
-        nested = [torch.nested.nested_tensor_from_jagged(t, cu.long()).transpose(1, 2) for t in (q, k, v)]
+    def nested_jagged(qkv):
+        nested = [torch.nested.nested_tensor_from_jagged(t, cu.long()).transpose(1, 2) for t in qkv.unbind(1)]
         return F.scaled_dot_product_attention(*nested, is_causal=True, scale=scale).transpose(1, 2).values()
 
     def run(fn):
-        q, k, v = (t.detach().clone().requires_grad_() for t in (q0, k0, v0))
-        out = fn(q, k, v)
+        qkv = qkv0.clone().requires_grad_()
+        out = fn(qkv)
         out.backward(grad)
-        return [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
+        return [out.detach().float(), *qkv.grad.float().unbind(1)]
 
     def time_ms(fn, repeats=20):
-        q, k, v = (t.detach().clone().requires_grad_() for t in (q0, k0, v0))
+        qkv = qkv0.clone().requires_grad_()
         for _ in range(3):
-            fn(q, k, v).backward(grad)
+            fn(qkv).backward(grad)
         times = []
         for _ in range(repeats):
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            fn(q, k, v).backward(grad)
+            fn(qkv).backward(grad)
             end.record()
             torch.cuda.synchronize()
             times.append(begin.elapsed_time(end))
         return sorted(times)[repeats // 2]
 
-    def cudnn_thd(q, k, v):
+    def cudnn_thd(qkv):
         import cudnn.sdpa.fwd.torch_op  # noqa: F401  (registers torch.ops.cudnn.sdpa_fwd, differentiable)
 
-        return torch.ops.cudnn.sdpa_fwd(q, k, v, scale, is_causal=True, cu_seqlens_q=cu, cu_seqlens_kv=cu,
+        return torch.ops.cudnn.sdpa_fwd(*qkv.unbind(1), scale, is_causal=True, cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                         max_seqlen_q=T, max_seqlen_kv=T, return_lse=True)[0]
 
-    def fa4_varlen(q, k, v):
-        return fa4.varlen_attention(q, k, v, cu, T, scale)
+    def fa4_varlen(qkv):
+        return fa4.varlen_attention(qkv, cu, T, scale)
 
     kernels = [("FA2 varlen", fa2_varlen), ("flex + BlockMask", flex_blockmask),
                ("sdpa + dense mask", sdpa_dense_mask), ("nested (jagged) sdpa", nested_jagged),

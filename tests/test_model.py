@@ -35,6 +35,44 @@ def test_packed_documents_match_separate_documents(impl):
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_qkv_attention_trains_packed_documents_as_gpt2_attention(compiled, tmp_path):
+    """QKVAttention (the training path for varlen) computes GPT-2's attention over packed documents: the same
+    loss and gradients as transformers' own GPT2Attention through our attention function, compiled too;
+    without documents it is GPT-2's forward; the model saves as a plain GPT-2."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    from hf_gpt.model import QKVAttention, qkv_attention
+
+    ids = torch.randint(1, 97, (2, 16), generator=torch.Generator().manual_seed(5))
+    pos = torch.tensor([list(range(5)) + list(range(11)), list(range(9)) + list(range(7))])
+    runs = []
+    for fused in (False, True):
+        model = tiny_gpt2("varlen").train()  # dropout 0.1 in the residuals: seeded alike below
+        model.config.attn_pdrop = 0.0
+        for block in model.transformer.h:
+            block.attn.attn_dropout.p = 0.0
+        if fused:
+            qkv_attention(model)
+            assert all(type(block.attn) is QKVAttention for block in model.transformer.h)
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        torch.manual_seed(1)
+        loss = forward(input_ids=ids, position_ids=pos, labels=ids, **document_mask_inputs(pos, "varlen")).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    for name, grad in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], grad, msg=name)
+
+    model.eval()
+    with torch.no_grad():
+        unpacked = model(input_ids=ids).logits  # no documents: GPT-2's own attention
+        model.save_pretrained(tmp_path)
+        plain = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+        assert type(plain.transformer.h[0].attn) is GPT2Attention
+        torch.testing.assert_close(plain(input_ids=ids).logits, unpacked)
+
+
 def test_without_the_mask_documents_would_leak():
     model = tiny_gpt2("sdpa")
     docs = torch.randint(1, 97, (1, 20), generator=torch.Generator().manual_seed(1))
@@ -126,7 +164,7 @@ def test_hidden_state_loss_path_equals_transformers_loss():
 def test_packed_equals_separate_on_gpu_with_compile(impl, monkeypatch):
     """The fast path (compiled, bf16: varlen flash, flex BlockMask or sdpa mask) keeps documents apart too."""
     import hf_gpt.model
-    from hf_gpt.model import PACKED
+    from hf_gpt.model import PACKED, qkv_attention
 
     if impl == "varlen+fa4":
         monkeypatch.setattr(hf_gpt.model, "_varlen_kernel", "fa4")
@@ -135,6 +173,8 @@ def test_packed_equals_separate_on_gpu_with_compile(impl, monkeypatch):
     config = GPT2Config(vocab_size=512, n_positions=256, n_embd=128, n_layer=2, n_head=4)
     config._attn_implementation = attention_name(impl)
     model = GPT2LMHeadModel(config).cuda().eval()
+    if impl == "varlen":
+        qkv_attention(model)  # as the engine trains it
     docs = [torch.randint(1, 512, (n,), device="cuda") for n in (100, 60, 96)]
     ids = torch.cat(docs)[None]
     pos = torch.cat([torch.arange(len(d), device="cuda") for d in docs])[None]
@@ -192,8 +232,8 @@ class StandInFA4:
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fa4_custom_ops_carry_forward_and_backward(monkeypatch, compiled):
-    """hf_gpt.fa4's custom ops hand flash-attn-4's kernels the right tensors and route their gradients to q, k and
-    v, also compiled with fullgraph over batches of different document counts (its kernels need a GPU: these are
+    """hf_gpt.fa4's custom ops hand flash-attn-4's kernels the right tensors and write their gradients for q, k and
+    v into the projection's gradient, also compiled with fullgraph over batches of different document counts (its kernels need a GPU: these are
     stand-ins; the GPU tests here run the real ones)."""
     from hf_gpt import fa4
 
@@ -205,8 +245,7 @@ def test_fa4_custom_ops_carry_forward_and_backward(monkeypatch, compiled):
         cu = torch.tensor(bounds, dtype=torch.int32)
         torch._dynamo.maybe_mark_dynamic(cu, 0)
         qkv = torch.randn(20, 3 * 2 * 8, generator=torch.Generator().manual_seed(len(bounds)), requires_grad=True)
-        q, k, v = (t.view(20, 2, 8) for t in qkv.split(16, dim=1))  # strided views of one projection, as in GPT-2
-        out = attention(q, k, v, cu, 20, 0.3)
+        out = attention(qkv.view(20, 3, 2, 8), cu, 20, 0.3)  # one projection, viewed as GPT-2's q, k and v
         grad = torch.randn_like(out)
         out.backward(grad)
 
@@ -277,14 +316,14 @@ def test_fa4_matches_pytorch_varlen_kernel_on_gpu():
 
     def run(kernel, dtype):
         qkv = qkv0.to(dtype).clone().requires_grad_()  # a leaf of its own in each dtype, float32 too
-        out = kernel(*(t.view(tokens, heads, dim) for t in qkv.split(heads * dim, dim=1)))
+        out = kernel(qkv.view(tokens, 3, heads, dim))
         out.backward(grad.to(dtype))
         return out.float(), qkv.grad.float()
 
-    exact = run(lambda q, k, v: block_diagonal_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), dim ** -0.5)[0].cuda(),
+    exact = run(lambda qkv: block_diagonal_attention(*qkv.cpu().unbind(1), cu.cpu(), dim ** -0.5)[0].cuda(),
                 torch.float32)
-    torch_kernel = run(lambda q, k, v: varlen_attn(q, k, v, cu, cu, 1024, 1024, **VARLEN_CAUSAL), torch.bfloat16)
-    fa4_kernel = run(lambda q, k, v: fa4.varlen_attention(q, k, v, cu, 1024, dim ** -0.5), torch.bfloat16)
+    torch_kernel = run(lambda qkv: varlen_attn(*qkv.unbind(1), cu, cu, 1024, 1024, **VARLEN_CAUSAL), torch.bfloat16)
+    fa4_kernel = run(lambda qkv: fa4.varlen_attention(qkv, cu, 1024, dim ** -0.5), torch.bfloat16)
     for ours, theirs, truth in zip(fa4_kernel, torch_kernel, exact):
         error = ((ours - truth).norm() / truth.norm()).item()
         assert error < 1.25 * ((theirs - truth).norm() / truth.norm()).item() and error < 1e-2, error
