@@ -89,17 +89,17 @@ def varlen_attention(qkv, cu_seq_lens, max_length: int, scaling=None) -> torch.T
 
 
 class QKVAttention(GPT2Attention):
-    """GPT-2's attention, which hands packed documents' attention (`cu_seq_lens_q`: varlen) its qkv projection whole.
+    """GPT-2's attention, which gives varlen's kernel (packed documents: `cu_seq_lens_q`) the qkv projection whole.
 
     transformers splits c_attn's (batch, T, 3 x embd) output into q, k and v before any attention function sees
     them, and autograd then concatenates their three gradients back into one: a copy of the projection's size
-    in every layer. Given the projection, FA4's backward writes the three side by side (fa4.py). Everything
-    else — no packed documents, cross-attention — is GPT-2's own forward. Only the class differs: the same
-    modules and state dict. Packed documents are whole sequences, so nothing goes into a cache.
+    in every layer. Given the projection, FA4's backward writes the three side by side (fa4.py). Without packed
+    documents this is GPT-2's own forward. Only the class differs: the same modules and state dict. Packed
+    documents are whole sequences, so nothing goes into a cache.
     """
 
     def forward(self, hidden_states, *args, cu_seq_lens_q=None, max_length_q=None, **kwargs):
-        if cu_seq_lens_q is None or kwargs.get("encoder_hidden_states") is not None:
+        if cu_seq_lens_q is None:
             return super().forward(hidden_states, *args, cu_seq_lens_q=cu_seq_lens_q, max_length_q=max_length_q,
                                    **kwargs)
         if self.training and self.attn_dropout.p:
@@ -111,7 +111,7 @@ class QKVAttention(GPT2Attention):
 
 
 def qkv_attention(model) -> None:
-    """Every `GPT2Attention` of `model` made a `QKVAttention`, in place."""
+    """Every self-attention `GPT2Attention` of `model` made a `QKVAttention`, in place, for training on varlen."""
     for module in model.modules():
         if type(module) is GPT2Attention and not module.is_cross_attention:
             module.__class__ = QKVAttention
