@@ -330,6 +330,28 @@ def test_accumulation_equals_one_large_batch(tiny_args, tmp_path, wrapper):
         torch.testing.assert_close(small[name] - initial[name], big[name] - initial[name], atol=1e-6, rtol=1e-4)
 
 
+def test_varlen_runs_train_through_qkv_attention(tiny_args, tmp_path, monkeypatch):
+    """A varlen run's attention modules get the qkv projection whole (QKVAttention), and the run trains as
+    GPT-2's own attention module would: the same weights after two steps."""
+    import hf_gpt.engine
+    from hf_gpt.model import QKVAttention, qkv_attention
+
+    swapped = []
+
+    def spy(model):
+        qkv_attention(model)
+        swapped.extend(type(block.attn) is QKVAttention for block in model.transformer.h)
+
+    args = [*tiny_args, "--attn_implementation", "varlen", "--max_steps", "2"]
+    monkeypatch.setattr(hf_gpt.engine, "qkv_attention", spy)
+    fused = in_process_run([*args, "--output_dir", str(tmp_path / "fused")])
+    assert swapped == [True, True]
+    monkeypatch.setattr(hf_gpt.engine, "qkv_attention", lambda model: None)
+    split = in_process_run([*args, "--output_dir", str(tmp_path / "split")])
+    for name in fused:
+        torch.testing.assert_close(fused[name], split[name], msg=name)
+
+
 def test_the_run_length_is_max_steps_else_max_tokens_else_epochs():
     from dataclasses import replace
 
