@@ -28,12 +28,13 @@ from .config import UserError
 #   dense (batch, 1, T, T) mask under torch.compile, and from position ids that look packed, and sdpa
 #   then runs kernels that skip no causal tiles: 2.3x the attention time on an H100 (issue 11's profiles).
 PACKED = "hf_gpt_packed"
+NO_ATTENTION_DROPOUT = "varlen and flex attention have no attention dropout: set dropout 0 or use sdpa"
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
                max_length_q=None, document_mask=None, **kwargs):
     if (cu_seq_lens_q is not None or document_mask is not None) and dropout:
-        raise ValueError("varlen and flex attention have no attention dropout: set dropout 0 or use sdpa")
+        raise ValueError(NO_ATTENTION_DROPOUT)
     if cu_seq_lens_q is not None:  # a GPT-2 without QKVAttention (see below): q, k and v stacked, a copy
         qkv = torch.stack([t.transpose(1, 2) for t in (query, key, value)], dim=2)
         return varlen_attention(qkv, cu_seq_lens_q, max_length_q, scaling), None
@@ -100,10 +101,9 @@ class QKVAttention(GPT2Attention):
 
     def forward(self, hidden_states, *args, cu_seq_lens_q=None, max_length_q=None, **kwargs):
         if cu_seq_lens_q is None:
-            return super().forward(hidden_states, *args, cu_seq_lens_q=cu_seq_lens_q, max_length_q=max_length_q,
-                                   **kwargs)
+            return super().forward(hidden_states, *args, **kwargs)
         if self.training and self.attn_dropout.p:
-            raise ValueError("varlen attention has no attention dropout: set dropout 0 or use sdpa")
+            raise ValueError(NO_ATTENTION_DROPOUT)
         batch, length, _ = hidden_states.shape
         qkv = self.c_attn(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         out = varlen_attention(qkv, cu_seq_lens_q, max_length_q, self.scaling)
