@@ -203,6 +203,11 @@ class _ConfigParser(ScriptParser, HfArgumentParser):
                 del self._option_string_actions[alias]
 
 
+SHUFFLE_ROWS_HELP = ("Micro-batches are drawn at random from a buffer of this many rows of block_size tokens (the "
+                     "files read in a new order every epoch; token shards: blocks in a new order every epoch, "
+                     "whatever the number); 0: rows in the order read, as runs before it.")
+
+
 # Numbers that count something and must be at least 1; every other number of a config must not be negative
 # (0 means "off" or "derived" where it is allowed), and these are shares of something, at most 1.
 AT_LEAST_ONE = {"micro_batch_size", "log_every", "block_size", "n_layer", "n_head", "n_embd", "tokenizer_vocab_size",
@@ -297,6 +302,7 @@ class PretrainConfig(TrainConfig):
     block_size: int = 256
     document_masking: bool = field(default=True, metadata={"help": "Attention stays inside each packed document."})
     crop: str = field(default="random", metadata={"help": "'' pack whole documents | random | start: one block_size window per long document."})
+    shuffle_rows: int = field(default=2048, metadata={"help": SHUFFLE_ROWS_HELP})
     # Tokenizer.
     tokenizer: str = field(default="train", metadata={"help": "'train' (byte-level BPE on the corpus), a Hub id or a folder."})
     tokenizer_vocab_size: int = 4096

@@ -31,6 +31,7 @@ from .config import UserError, could_not_load
 from .files import atomic_folder
 
 STDLIB = "stdlib"
+CROPS = ("", "random", "start")
 LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -146,13 +147,20 @@ def in_holdout(text: str, fraction: float) -> bool:
 
 
 def tokenized_documents(source: DocumentSource, tokenizer, *, holdout: float, validation: bool,
-                        split: str | None = None, process_index: int = 0, num_processes: int = 1) -> IterableDataset:
+                        split: str | None = None, process_index: int = 0, num_processes: int = 1,
+                        shuffle_seed: int | None = None) -> IterableDataset:
     """A stream of ``{"input_ids": [EOS, ...tokens]}``, one per non-empty document.
 
     With several processes every process reads a different part (whole shards where the count
     divides, else every n-th document), so no document is seen twice in one pass.
+    shuffle_seed: the shards (files) in a new order every epoch (set_epoch), several read interleaved, by
+    `datasets`' own shuffle. Its buffer of documents is left at one: `state_dict()` does not save that
+    buffer, so a resumed run would skip the documents in it. Documents are mixed after packing instead, by
+    PackedBatches' buffer of rows, which a checkpoint saves.
     """
     ds = source.load(split)
+    if shuffle_seed is not None:  # before the split: every process shuffles alike, then takes its own shards
+        ds = ds.shuffle(seed=shuffle_seed, buffer_size=1)
     if num_processes > 1:
         ds = split_dataset_by_node(ds, rank=process_index, world_size=num_processes)
     column, eos = source.text_column, tokenizer.eos_token_id
@@ -174,56 +182,64 @@ def tokenized_documents(source: DocumentSource, tokenizer, *, holdout: float, va
 
 
 class PackedBatches:
-    """Packs a document stream into (micro_batch_size, block_size) batches; checkpointable.
+    """Packs a document stream into rows of block_size tokens and serves them as micro-batches; checkpointable.
 
-    crop: ""       long documents flow on into the next block (nothing is dropped);
+    shuffle_rows: rows held in a buffer from which every micro-batch is drawn at random (0: rows in stream
+    order). A long document fills several consecutive rows, and served in order they would make up much of
+    one micro-batch (a 4,000-token chapter is four rows of 1024): a batch of a few documents' consecutive
+    pieces teaches far less than one of as many documents as rows (docs/results/mixing.md). The buffer is
+    drawn down to its last micro-batch before the next epoch is read, so an epoch stays one pass over the
+    data (LoRA's epochs of a few hundred rows are not mixed together) and every epoch is drawn in a new order.
+
+    crop: ""       long documents flow on into the next row (nothing is dropped);
           "random" one window of block_size tokens at a random offset per long document;
           "start"  the first block_size tokens of each document (what the seed article did).
     document_masking=False restores plain concatenation: no position_ids, so the model counts 0..T-1
     and attends across documents.
-    The state (stream position, epoch, unfinished block, crop RNG) makes a resumed run read exactly
-    the tokens an uninterrupted one would.
-    one_pass=True (validation) reads the stream once and then stops, its last batch padded.
+    The state (stream position, epoch, the buffer's rows, the unfinished row, the RNG) makes a resumed run
+    read exactly the tokens an uninterrupted one would.
+    one_pass=True (validation) reads the stream once, in order, and then stops, its last row padded.
     no_loss: a token id that is given but never a target (LoRA's trigger).
     """
 
     def __init__(self, documents: IterableDataset, *, block_size: int, micro_batch_size: int, crop: str = "",
-                 document_masking: bool = True, seed: int = 0, error_context: DocumentSource | None = None,
-                 one_pass: bool = False, no_loss: int | None = None):
-        if crop not in ("", "random", "start"):
+                 document_masking: bool = True, shuffle_rows: int = 0, seed: int = 0,
+                 error_context: DocumentSource | None = None, one_pass: bool = False, no_loss: int | None = None):
+        if crop not in CROPS:
             raise UserError(f"crop must be '', 'random' or 'start', not '{crop}'")
         self.documents, self.block_size, self.micro_batch_size = documents, block_size, micro_batch_size
         self.crop, self.document_masking, self.source = crop, document_masking, error_context
         self.one_pass, self.no_loss = one_pass, no_loss
+        self.shuffle = shuffle_rows > 0 and not one_pass
+        self.capacity = max(shuffle_rows, micro_batch_size) if self.shuffle else micro_batch_size
         self.epoch, self.rng = 0, np.random.default_rng(seed)
-        self.tokens, self.positions = np.empty(0, np.int64), np.empty(0, np.int64)
+        self._rows: list[np.ndarray] = []  # each (2, block_size): tokens (-1 = padding) and positions
+        self._tail = np.empty((2, 0), np.int64)  # the unfinished row
         self._iter = None
-        self._epoch_docs = 0
+        self._epoch_docs, self._epoch_read = 0, False
 
     def _next_document(self) -> np.ndarray | None:
-        """The next document's tokens; None at the end of the stream in one-pass mode."""
-        while True:
-            if self._iter is None:
-                self.documents.set_epoch(self.epoch)
-                self._iter = iter(self.documents)
-            try:
-                doc = np.asarray(next(self._iter)["input_ids"], dtype=np.int64)
-                self._epoch_docs += 1
-                return doc
-            except StopIteration:
-                if self.one_pass:
-                    return None
-                if self._epoch_docs == 0:
-                    name = self.source.name if self.source else "the dataset"
-                    raise UserError(f"dataset {name}: no documents to train on (empty corpus"
-                                    + (" on this process" if self.source else "") + ")") from None
-                self.epoch, self._iter, self._epoch_docs = self.epoch + 1, None, 0
-            except UserError:
+        """The next document's tokens; None at the end of the epoch."""
+        if self._iter is None:
+            self.documents.set_epoch(self.epoch)
+            self._iter = iter(self.documents)
+        try:
+            doc = np.asarray(next(self._iter)["input_ids"], dtype=np.int64)
+        except StopIteration:
+            if self._epoch_docs == 0 and not self.one_pass:
+                name = self.source.name if self.source else "the dataset"
+                raise UserError(f"dataset {name}: no documents to train on (empty corpus"
+                                + (" on this process" if self.source else "") + ")") from None
+            self._epoch_read = True
+            return None
+        except UserError:
+            raise
+        except Exception as e:
+            if self.source is None:
                 raise
-            except Exception as e:
-                if self.source is None:
-                    raise
-                raise self.source.describe_error(e) from None
+            raise self.source.describe_error(e) from None
+        self._epoch_docs += 1
+        return doc
 
     def _crop(self, doc: np.ndarray) -> np.ndarray:
         if len(doc) <= self.block_size or not self.crop:
@@ -231,46 +247,80 @@ class PackedBatches:
         start = int(self.rng.integers(0, len(doc) - self.block_size + 1)) if self.crop == "random" else 0
         return doc[start:start + self.block_size]
 
-    def _fill(self, n: int) -> None:
-        while len(self.tokens) < n:
+    def _fill(self) -> None:
+        """Read documents until the buffer is full. At the end of an epoch, the next is begun only once fewer
+        rows than a micro-batch are left; in one-pass mode the unfinished row is padded and reading ends."""
+        while len(self._rows) < self.capacity:
+            if self._epoch_read:
+                if self.one_pass:
+                    if self._tail.shape[1]:
+                        self._add(self._tail, pad=True)
+                    return
+                if len(self._rows) >= self.micro_batch_size:
+                    return
+                self.epoch, self._iter, self._epoch_docs, self._epoch_read = self.epoch + 1, None, 0, False
             doc = self._next_document()
-            if doc is None:
-                return
-            doc = self._crop(doc)
-            pos = np.arange(len(doc), dtype=np.int64)
-            self.tokens = np.concatenate([self.tokens, doc])
-            self.positions = np.concatenate([self.positions, pos])
+            if doc is not None:
+                doc = self._crop(doc)
+                self._add(np.concatenate([self._tail, np.stack([doc, np.arange(len(doc))])], axis=1))
+
+    def _add(self, tokens: np.ndarray, pad: bool = False) -> None:
+        """Cut (2, n) tokens and positions into rows for the buffer; the rest, shorter than a row, is the tail
+        (with pad, one last row filled out with padding)."""
+        size = self.block_size
+        if pad:
+            tokens = np.concatenate([tokens, np.tile([[-1], [0]], -tokens.shape[1] % size)], axis=1)
+        full = tokens.shape[1] // size * size
+        rows = tokens[:, :full].reshape(2, -1, size).transpose(1, 0, 2).copy()
+        # A document cut by a row boundary starts again at position 0 in the next row.
+        rows[:, 1] = _restart_rows(rows[:, 1])
+        self._rows.extend(rows)
+        self._tail = tokens[:, full:].copy()
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        n = self.micro_batch_size * self.block_size
-        self._fill(n)
-        if not len(self.tokens):
+        self._fill()
+        n = min(self.micro_batch_size, len(self._rows))
+        if not n:
             raise StopIteration
-        tokens, self.tokens = self.tokens[:n], self.tokens[n:]
-        positions, self.positions = self.positions[:n], self.positions[n:]
-        batch = token_batch(tokens, self.block_size, self.no_loss)
+        if self.shuffle:
+            picks = self.rng.choice(len(self._rows), n, replace=False)
+            rows = np.stack([self._rows[i] for i in picks])
+            for i in sorted(picks, reverse=True):  # the last row fills the hole: none of the picks is behind i
+                last = self._rows.pop()
+                if i < len(self._rows):
+                    self._rows[i] = last
+        else:
+            rows = np.stack(self._rows[:n])
+            del self._rows[:n]
+        batch = token_batch(rows[:, 0], self.no_loss)
         if self.document_masking:
-            # A document cut by a block boundary starts again at position 0 in the next row.
-            pos = _rows(positions, self.block_size)
-            batch["position_ids"] = pos - _carry_offset(pos)
+            batch["position_ids"] = torch.from_numpy(rows[:, 1])
         return batch
 
     def state_dict(self) -> dict:
+        rows = np.stack(self._rows) if self._rows else np.empty((0, 2, self.block_size), np.int64)
+        # Tensors, which a checkpoint stores compactly and loads with weights_only=True (a buffer of 2048
+        # rows of 1024 is 16 MB in int32).
         return {"documents": self.documents.state_dict(), "epoch": self.epoch, "epoch_docs": self._epoch_docs,
-                "tokens": self.tokens.tolist(), "positions": self.positions.tolist(),
-                "rng": self.rng.bit_generator.state}
+                "epoch_read": self._epoch_read, "rows": torch.from_numpy(rows.astype(np.int32)),
+                "tail": torch.from_numpy(self._tail.astype(np.int32)), "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self._epoch_docs = state["epoch"], state["epoch_docs"]
         self.documents.set_epoch(self.epoch)
         self.documents.load_state_dict(state["documents"])
         self._iter = None
-        self.tokens = np.asarray(state["tokens"], dtype=np.int64)
-        self.positions = np.asarray(state["positions"], dtype=np.int64)
         self.rng.bit_generator.state = state["rng"]
+        if "rows" in state:
+            self._epoch_read = state["epoch_read"]
+            self._rows = list(state["rows"].numpy().astype(np.int64))
+            self._tail = state["tail"].numpy().astype(np.int64)
+        else:  # a checkpoint from before the buffer: the stream's unfinished tokens, cut into rows as before
+            self._epoch_read, self._rows, self._tail = False, [], np.empty((2, 0), np.int64)
+            self._add(np.asarray([state["tokens"], state["positions"]], dtype=np.int64).reshape(2, -1))
 
 
 def process_share(batches: Iterable[dict], process_index: int, num_processes: int, eval_batches: int = 0) -> list[dict]:
@@ -283,29 +333,29 @@ def process_share(batches: Iterable[dict], process_index: int, num_processes: in
     return batches[process_index::num_processes]
 
 
-def _rows(values: np.ndarray, block_size: int) -> torch.Tensor:
-    """`values` in rows of block_size. Only the end of a one-pass read is short: it is padded with zeros
-    (as position ids, zeros open one-token documents of their own)."""
-    rows = torch.zeros(-(-len(values) // block_size) * block_size, dtype=torch.long)
-    rows[:len(values)] = torch.from_numpy(np.asarray(values, dtype=np.int64))
-    return rows.view(-1, block_size)
+def as_rows(tokens: np.ndarray, block_size: int) -> np.ndarray:
+    """Flat tokens in rows of block_size, the last filled out with padding (-1)."""
+    rows = np.full(-(-len(tokens) // block_size) * block_size, -1, dtype=np.int64)
+    rows[:len(tokens)] = tokens
+    return rows.reshape(-1, block_size)
 
 
-def token_batch(tokens: np.ndarray, block_size: int, no_loss: int | None = None) -> dict[str, torch.Tensor]:
-    """`input_ids` and `labels` in rows of block_size; padding, and the token `no_loss`, carry no loss."""
-    input_ids = _rows(tokens, block_size)
+def token_batch(rows: np.ndarray, no_loss: int | None = None) -> dict[str, torch.Tensor]:
+    """`input_ids` and `labels` of rows of token ids; padding (-1, given as id 0), and the token `no_loss`,
+    carry no loss."""
+    input_ids = torch.from_numpy(np.asarray(rows, dtype=np.int64))
     labels = input_ids.clone()
-    labels.view(-1)[len(tokens):] = -100
+    labels[input_ids < 0] = -100
     if no_loss is not None:
         labels[input_ids == no_loss] = -100
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids.clamp(min=0), "labels": labels}
 
 
-def _carry_offset(pos: torch.Tensor) -> torch.Tensor:
-    """Per row, the amount to subtract so that a document carried over from the previous row or block
-    (the run before the row's first 0) restarts at position 0 too."""
-    started = (pos == 0).cumsum(dim=1) > 0
-    return torch.where(started, torch.zeros_like(pos), pos[:, :1].expand_as(pos))
+def _restart_rows(positions: np.ndarray) -> np.ndarray:
+    """Per row, a document carried over from the previous row (the run before the row's first 0) restarted
+    at position 0 too."""
+    started = np.cumsum(positions == 0, axis=1) > 0
+    return np.where(started, positions, positions - positions[:, :1])
 
 
 class PretrainData:
@@ -326,8 +376,10 @@ class PretrainData:
 
     def _documents(self, validation: bool, process_index: int = 0, num_processes: int = 1):
         split = self.eval_split if validation and self.eval_split else None
+        shuffle = self.cfg.shuffle_rows > 0 and not validation
         return tokenized_documents(self.source, self.tokenizer, holdout=self.holdout, validation=validation,
-                                   split=split, process_index=process_index, num_processes=num_processes)
+                                   split=split, process_index=process_index, num_processes=num_processes,
+                                   shuffle_seed=self.cfg.seed if shuffle else None)
 
     def train_batches(self, process_index: int, num_processes: int):
         cfg = self.cfg
@@ -335,12 +387,12 @@ class PretrainData:
             self.shards.check_tokenizer(self.tokenizer, self.tokenizer_name)
             return ShardBatches(self.shards.tokens("train"), eos=self.tokenizer.eos_token_id,
                                 block_size=cfg.block_size, micro_batch_size=cfg.micro_batch_size,
-                                document_masking=cfg.document_masking, process_index=process_index,
-                                num_processes=num_processes)
+                                document_masking=cfg.document_masking, shuffle=cfg.shuffle_rows > 0,
+                                seed=cfg.seed, process_index=process_index, num_processes=num_processes)
         return PackedBatches(self._documents(False, process_index, num_processes), block_size=cfg.block_size,
                              micro_batch_size=cfg.micro_batch_size, crop=cfg.crop,
-                             document_masking=cfg.document_masking, seed=cfg.seed + process_index,
-                             error_context=self.source)
+                             document_masking=cfg.document_masking, shuffle_rows=cfg.shuffle_rows,
+                             seed=cfg.seed + process_index, error_context=self.source)
 
     def eval_batches(self, process_index: int, num_processes: int) -> list[dict]:
         """This process's share of the validation set: one pass over the validation split (or its first
@@ -436,45 +488,67 @@ class _Concatenated:
 
 
 class ShardBatches:
-    """Blocks read in order from a contiguous 1/num_processes slice of the token shards; checkpointable.
+    """Rows of block_size tokens from this process's contiguous 1/num_processes slice of the token shards;
+    checkpointable.
 
+    shuffle: every epoch reads the slice as blocks in a new random order, cut at a new random offset (nanoGPT
+    reads random windows; this reads every token once an epoch); else blocks in order from the start.
     Positions restart at every EOS (a document start) and at every row, as in PackedBatches.
+    one_pass=True (validation) reads the slice once in order, its last row padded.
     """
 
     def __init__(self, tokens, *, eos: int, block_size: int, micro_batch_size: int, document_masking: bool = True,
-                 process_index: int = 0, num_processes: int = 1, one_pass: bool = False):
+                 shuffle: bool = False, seed: int = 0, process_index: int = 0, num_processes: int = 1,
+                 one_pass: bool = False):
         share = len(tokens) // num_processes
         self.tokens, self.lo, self.hi = tokens, process_index * share, (process_index + 1) * share
         self.eos, self.block_size, self.micro_batch_size = eos, block_size, micro_batch_size
         self.document_masking, self.one_pass = document_masking, one_pass
-        self.offset, self.epoch = self.lo, 0
+        self.shuffle, self.seed = shuffle and not one_pass, seed
+        self.epoch, self.index = 0, 0  # index: the next block of the epoch's order
         if share < block_size * micro_batch_size and not one_pass:
             raise UserError(f"token shards too small: {share} tokens per process, a batch needs "
                             f"{block_size * micro_batch_size}")
+        self._starts = self._epoch_starts()
+
+    def _epoch_starts(self) -> np.ndarray:
+        """The first token of each block, in the order this epoch reads them."""
+        if not self.shuffle:
+            return np.arange(self.lo, self.hi, self.block_size)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shift = int(rng.integers(self.block_size))
+        count = (self.hi - self.lo - shift) // self.block_size
+        return self.lo + shift + rng.permutation(count) * self.block_size
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        n = self.block_size * self.micro_batch_size
-        if self.offset + n > self.hi:
-            if self.one_pass:  # the rest, padded; then stop
-                n = self.hi - self.offset
-                if n <= 0:
-                    raise StopIteration
-            else:
-                self.offset, self.epoch = self.lo, self.epoch + 1
-        batch = token_batch(np.asarray(self.tokens[self.offset:self.offset + n]), self.block_size)
-        self.offset += n
+        size, n = self.block_size, self.micro_batch_size
+        if self.one_pass:
+            start = self.lo + self.index * size
+            if start >= self.hi:
+                raise StopIteration
+            rows = as_rows(np.asarray(self.tokens[start:min(start + n * size, self.hi)]), size)
+        else:
+            if self.index + n > len(self._starts) or self._starts[self.index + n - 1] + size > self.hi:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._starts = self._epoch_starts()
+            rows = np.stack([np.asarray(self.tokens[s:s + size]) for s in self._starts[self.index:self.index + n]])
+        self.index += len(rows)
+        batch = token_batch(rows)
         if self.document_masking:
             batch["position_ids"] = positions_from_eos(batch["input_ids"], self.eos)
         return batch
 
     def state_dict(self) -> dict:
-        return {"offset": self.offset, "epoch": self.epoch}
+        return {"epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state: dict) -> None:
-        self.offset, self.epoch = state["offset"], state["epoch"]
+        self.epoch = state["epoch"]
+        # A checkpoint from before blocks were shuffled saved the next token's offset.
+        self.index = state["index"] if "index" in state else (state["offset"] - self.lo) // self.block_size
+        self._starts = self._epoch_starts()
 
 
 def positions_from_eos(input_ids: torch.Tensor, eos: int) -> torch.Tensor:

@@ -309,7 +309,8 @@ RESUMABLE = ("max_steps", "max_tokens", "epochs", "log_every", "eval_every", "sa
 def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int) -> list[str]:
     """The changes (`field old -> new`) of RESUMABLE fields from the run's config.yaml; other changes, and
     another number of processes (each saved its place in its own share of the data), are refused. A run started
-    before `linear_layout` existed goes on without it: its checkpoints hold AdamW's moments in Conv1D's layout."""
+    before `linear_layout` existed goes on without it: its checkpoints hold AdamW's moments in Conv1D's layout;
+    one started before `shuffle_rows` reads its data in order to the end, as it began."""
     saved_by = len(list(checkpoint.glob("progress_*.pt")))
     if saved_by != num_processes:
         raise UserError(f"{checkpoint} was saved by {saved_by} processes and this run has {num_processes}; "
@@ -318,6 +319,8 @@ def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int)
     saved = yaml.safe_load(saved.read_text()) if saved.exists() else {}
     if saved and "linear_layout" not in saved:
         cfg.linear_layout = False
+    if saved and "shuffle_rows" not in saved and hasattr(cfg, "shuffle_rows"):
+        cfg.shuffle_rows = 0
     changes = changed_fields(saved, cfg)
     refused = [text for k, text in changes.items() if k not in RESUMABLE]
     if refused:

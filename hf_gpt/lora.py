@@ -19,8 +19,8 @@ import numpy as np
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
 
-from .config import TrainConfig, UserError, first_line
-from .data import PackedBatches, positions_from_eos, process_share, token_batch
+from .config import SHUFFLE_ROWS_HELP, TrainConfig, UserError, first_line
+from .data import PackedBatches, as_rows, positions_from_eos, process_share, token_batch
 from .engine import accumulation_steps, run_length
 from .files import atomic_folder
 from .hub import mark_personal
@@ -42,6 +42,7 @@ class LoraRunConfig(TrainConfig):
     val_fraction: float = field(
         default=0.2, metadata={"help": "Share of whole documents held out (by hash) to measure the adaptation on."})
     block_size: int = 256
+    shuffle_rows: int = field(default=2048, metadata={"help": SHUFFLE_ROWS_HELP})
     epochs: float = 3.0
     r: int = field(default=8, metadata={"help": "LoRA rank; 0: no LoRA, train the trigger token's embedding alone."})
     lora_alpha: int = field(default=16, metadata={"help": "The LoRA update is scaled by lora_alpha / r."})
@@ -80,7 +81,7 @@ def pack_documents(documents: list[list[int]], *, block_size: int, micro_batch_s
                    no_loss: int | None = None) -> list[dict]:
     """Every token of `documents` exactly once, in rows of block_size cut as in training (a document cut
     by a row goes on at position 0 in the next); the last row is padded with tokens that carry no loss."""
-    batch = token_batch(np.concatenate([np.asarray(d, dtype=np.int64) for d in documents]), block_size, no_loss)
+    batch = token_batch(as_rows(np.concatenate([np.asarray(d, dtype=np.int64) for d in documents]), block_size), no_loss)
     batch["position_ids"] = positions_from_eos(batch["input_ids"], eos)  # every document starts with EOS
     return [dict(zip(batch, rows)) for rows in zip(*(t.split(micro_batch_size) for t in batch.values()))]
 
@@ -107,7 +108,8 @@ class WritingData:
         # The trigger is given, never a target: were it one, the model would learn to write it after every
         # EOS and so switch the style on by itself.
         return PackedBatches(docs, block_size=self.cfg.block_size, micro_batch_size=self.cfg.micro_batch_size,
-                             seed=self.cfg.seed + process_index, no_loss=self.trigger_id)
+                             shuffle_rows=self.cfg.shuffle_rows, seed=self.cfg.seed + process_index,
+                             no_loss=self.trigger_id)
 
     def steps_per_epoch(self, num_processes: int, accumulation: int) -> float:
         """Optimizer steps of one pass over the training documents, for --epochs."""

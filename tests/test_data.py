@@ -1,10 +1,13 @@
-import json
+import io
+import re
 
+import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 
 from hf_gpt.config import PretrainConfig, UserError
-from hf_gpt.data import PretrainData, in_holdout
+from hf_gpt.data import PackedBatches, PretrainData, ShardBatches, in_holdout
 from hf_gpt.loading import load_tokenizer
 
 
@@ -17,6 +20,14 @@ def make_data(corpus, tokenizer_dir, **overrides) -> PretrainData:
 
 def take(batches, n):
     return [next(batches) for _ in range(n)]
+
+
+def saved_and_loaded(state: dict) -> dict:
+    """A stream's state through torch.save and torch.load(weights_only=True), as a checkpoint keeps it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 def test_blocks_are_documents_with_restarting_positions(corpus, tokenizer_dir):
@@ -40,7 +51,7 @@ def test_resumed_stream_reads_the_same_tokens(corpus, tokenizer_dir):
         straight = take(make_data(corpus, tokenizer_dir, crop=crop).train_batches(0, 1), 12)
         first = make_data(corpus, tokenizer_dir, crop=crop).train_batches(0, 1)
         take(first, 5)
-        state = json.loads(json.dumps(first.state_dict()))  # survives serialisation
+        state = saved_and_loaded(first.state_dict())
         second = make_data(corpus, tokenizer_dir, crop=crop).train_batches(0, 1)
         second.load_state_dict(state)
         for a, b in zip(straight[5:], take(second, 7)):
@@ -141,3 +152,114 @@ def test_an_empty_validation_split_is_named(tmp_path, corpus, tokenizer_dir):
     with pytest.raises(UserError, match=r"no document is held out for validation at val_fraction 1e-05; "
                                         r"raise --val_fraction"):
         make_data(corpus, tokenizer_dir, val_fraction=0.00001).eval_batches(0, 1)
+
+
+# Mixing: a corpus of long documents, as books, manuals and a person's own writing are.
+
+
+def long_documents(count: int = 40, rows: int = 8, block_size: int = 16) -> list[list[int]]:
+    """Document i is [EOS=0] and then the token i + 1 throughout, `rows` rows long: a row's tokens say which
+    documents it holds."""
+    return [[0] + [i + 1] * (rows * block_size - 1) for i in range(count)]
+
+
+def documents_of(row: torch.Tensor) -> set[int]:
+    return set(row.tolist()) - {0}
+
+
+def packed(docs: list[list[int]], shuffle_rows: int, seed: int = 0) -> PackedBatches:
+    stream = Dataset.from_dict({"input_ids": docs}).to_iterable_dataset(num_shards=4)
+    return PackedBatches(stream, block_size=16, micro_batch_size=8, shuffle_rows=shuffle_rows, seed=seed)
+
+
+def test_a_micro_batch_of_long_documents_mixes_many_of_them():
+    docs = long_documents()
+    in_order = take(packed(docs, 0), 10)
+    mixed = take(packed(docs, 128), 10)
+    # In stream order a micro-batch of 8 rows is one or two documents' consecutive pieces.
+    assert max(len(set().union(*map(documents_of, b["input_ids"]))) for b in in_order) <= 2
+    # Drawn from the buffer, its rows come from (nearly) as many documents as it has rows.
+    assert min(len(set().union(*map(documents_of, b["input_ids"]))) for b in mixed) >= 6
+
+
+def test_each_epoch_is_one_pass_in_a_new_order_and_the_buffer_stays_bounded():
+    docs = long_documents()
+    batches = packed(docs, 128)
+    epochs = [take(batches, 40), take(batches, 40)]  # 40 documents x 8 rows = 40 micro-batches of 8
+    assert len(batches._rows) <= 128 + 8  # the buffer, and at most one document's rows beyond it
+    rows = [torch.cat([b["input_ids"] for b in epoch]) for epoch in epochs]
+    for epoch in rows:  # every row of the corpus exactly once an epoch
+        assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, torch.cat(
+            [b["input_ids"] for b in take(packed(docs, 0), 40)]).tolist()))
+    assert not torch.equal(rows[0], rows[1])  # in another order
+    assert not torch.equal(rows[0], torch.cat([b["input_ids"] for b in take(packed(docs, 128, seed=1), 40)]))
+
+
+def test_a_buffered_stream_resumes_exactly_mid_epoch():
+    docs = long_documents()
+    straight = take(packed(docs, 64), 60)
+    first = packed(docs, 64)
+    take(first, 23)
+    second = packed(docs, 64)
+    second.load_state_dict(saved_and_loaded(first.state_dict()))
+    for a, b in zip(straight[23:], take(second, 37), strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["position_ids"], b["position_ids"])
+
+
+def test_local_files_of_long_documents_train_in_mixed_batches(tmp_path, tokenizer_dir):
+    """The real path: parquet files read through datasets' shuffle, packed and drawn from the buffer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "books"
+    folder.mkdir()
+    texts = [" ".join(f"w{i}" for _ in range(400)) for i in range(40)]  # ~1,200 tokens: ~19 rows of 64
+    for f in range(8):
+        pq.write_table(pa.table({"text": texts[f * 5:(f + 1) * 5]}), folder / f"train-{f:04d}.parquet")
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+
+    def documents(batch) -> list[int]:
+        # The marks whole inside each row (a row's first and last may be cut) name its documents.
+        return [len({m for row in batch["input_ids"] for m in re.findall(r"w(\d+)", tokenizer.decode(row))[1:-1]})]
+
+    def epoch_rows(shuffle_rows):
+        batches = make_data(folder, tokenizer_dir, shuffle_rows=shuffle_rows, val_fraction=0.0).train_batches(0, 1)
+        return take(batches, 40)
+
+    assert max(sum(map(documents, epoch_rows(0)[:10]), [])) <= 2
+    stream = make_data(folder, tokenizer_dir, val_fraction=0.0)._documents(False)
+    orders = []
+    for epoch in (0, 1):  # datasets' shuffle: the files in another order, read interleaved
+        stream.set_epoch(epoch)
+        orders.append([re.search(r"w(\d+)", tokenizer.decode(d["input_ids"])).group(1) for d in stream])
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1]) and len(orders[0]) == 40
+    mixed = epoch_rows(2048)
+    assert min(sum(map(documents, mixed[:10]), [])) >= 3
+    first, second = torch.cat([b["input_ids"] for b in mixed[:10]]), torch.cat([b["input_ids"] for b in mixed[-10:]])
+    assert not torch.equal(first, second)
+
+
+def shard_tokens(docs: list[list[int]]) -> np.ndarray:
+    return np.concatenate([np.asarray(d, dtype=np.uint16) for d in docs])
+
+
+def test_token_shards_are_read_as_a_new_permutation_of_blocks_every_epoch():
+    tokens = shard_tokens(long_documents())  # 5,120 tokens: 320 blocks of 16, 40 micro-batches of 8
+    make = lambda **kw: ShardBatches(tokens, eos=0, block_size=16, micro_batch_size=8, **kw)  # noqa: E731
+    in_order = take(make(), 5)
+    assert max(len(set().union(*map(documents_of, b["input_ids"]))) for b in in_order) <= 2
+    batches = make(shuffle=True, seed=3)
+    epochs = [torch.cat([b["input_ids"] for b in take(batches, 39)]) for _ in range(2)]  # a random offset: 319 blocks
+    for b in epochs[0].split(8):
+        assert len(set().union(*map(documents_of, b))) >= 6
+    assert not torch.equal(epochs[0], epochs[1])
+    # Each epoch reads each token at most once: every document's tokens, counted, never exceed its length.
+    for epoch in epochs:
+        assert np.bincount(epoch.flatten().numpy(), minlength=41)[1:].max() <= 8 * 16
+    # Resumed mid-epoch, as a checkpoint saves it.
+    straight = take(make(shuffle=True, seed=3), 60)
+    first = make(shuffle=True, seed=3)
+    take(first, 45)
+    second = make(shuffle=True, seed=3)
+    second.load_state_dict(saved_and_loaded(first.state_dict()))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(straight[45:], take(second, 15)))
