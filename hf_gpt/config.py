@@ -239,7 +239,8 @@ def check(cfg) -> None:
     if attention in ("flex_attention", "varlen") and getattr(cfg, "dropout", 0):
         raise UserError(f"{attention} has no attention dropout: set --dropout 0 or --attn_implementation sdpa")
     if isinstance(cfg, TrainConfig) and cfg.warmup_steps and cfg.warmup_ratio:
-        raise UserError(f"set warmup_steps ({cfg.warmup_steps}) or warmup_ratio ({cfg.warmup_ratio}), not both")
+        raise UserError(f"set warmup_steps ({cfg.warmup_steps}) or warmup_ratio ({cfg.warmup_ratio}), not both "
+                        "(--warmup_ratio 0 undoes a recipe's share)")
 
 
 def load_config(cls, argv: list[str] | None = None, description: str | None = None):

@@ -297,7 +297,7 @@ class PackedBatches:
             del self._rows[:n]
         batch = token_batch(rows[:, 0], self.no_loss)
         if self.document_masking:
-            batch["position_ids"] = torch.from_numpy(rows[:, 1])
+            batch["position_ids"] = torch.from_numpy(np.ascontiguousarray(rows[:, 1]))
         return batch
 
     def state_dict(self) -> dict:
@@ -343,7 +343,7 @@ def as_rows(tokens: np.ndarray, block_size: int) -> np.ndarray:
 def token_batch(rows: np.ndarray, no_loss: int | None = None) -> dict[str, torch.Tensor]:
     """`input_ids` and `labels` of rows of token ids; padding (-1, given as id 0), and the token `no_loss`,
     carry no loss."""
-    input_ids = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    input_ids = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
     labels = input_ids.clone()
     labels[input_ids < 0] = -100
     if no_loss is not None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the engine learns per token against the plain loop (scripts/plain_loop.py): GPT-2 124M on the English
-# corpus, 400 steps x 65,536 tokens (26.2M, about one pass), AdamW 1.5e-3, cosine to 10%, one GPU. The runs of
+# corpus, 400 steps x 65,536 tokens (26.2M, about one pass), AdamW 1.5e-3, warmup 80 steps, cosine to 10%, one GPU. The runs of
 # a group share the GPU side by side: their validation losses are the result, not their speed. Every final
 # model is then scored by one evaluation, scripts/compare.py (English validation documents, WikiText-2, tiny
 # Shakespeare), and each engine run's own val_loss is printed beside it. docs/results/mixing.md has the results.
@@ -15,7 +15,7 @@ set -euo pipefail
 out=${1:-runs/mixing}
 mkdir -p "$out"
 run=(--config configs/english-124m.yaml --tokens_per_step 65536 --max_tokens 26214400 --learning_rate 1.5e-3
-     --attn_implementation varlen --eval_every 0 --save_every 0 --sample_prompts)
+     --attn_implementation varlen --eval_every 0 --save_every 0 --sample_prompts)  # warmup: a share of the 400 steps
 
 engine() {  # NAME FLAGS...: one engine run, its log beside its folder
   local name=$1; shift
@@ -28,15 +28,15 @@ for what in "${@:2}"; do  # every group's runs side by side
     parity)
       python scripts/plain_loop.py data/english data/gpt2-tokenizer --steps 400 --warmup_steps 80 \
         --output_dir "$out/plain" > "$out/plain.log" 2>&1 &
-      engine masking-on --warmup_steps 80 &
-      engine masking-off --warmup_steps 80 --document_masking false --attn_implementation sdpa &
+      engine masking-on --warmup_ratio 0.2 &
+      engine masking-off --warmup_ratio 0.2 --document_masking false --attn_implementation sdpa &
       models+=("$out/plain" "$out/masking-on/final" "$out/masking-off/final");;
     seeds)  # the same two engine runs with another seed (initial weights and the order of the data)
-      engine masking-on-seed2 --warmup_steps 80 --seed 2 &
-      engine masking-off-seed2 --warmup_steps 80 --seed 2 --document_masking false --attn_implementation sdpa &
+      engine masking-on-seed2 --warmup_ratio 0.2 --seed 2 &
+      engine masking-off-seed2 --warmup_ratio 0.2 --seed 2 --document_masking false --attn_implementation sdpa &
       models+=("$out/masking-on-seed2/final" "$out/masking-off-seed2/final");;
     warmup)
-      for w in 20 40 160; do engine "warmup-$w" --warmup_steps $w & done
+      for w in 20 40 160; do engine "warmup-$w" --warmup_ratio "$(python -c "print($w / 400)")" & done
       models+=("$out/warmup-20/final" "$out/warmup-40/final" "$out/warmup-160/final");;
     *) echo "usage: $0 OUT parity|seeds|warmup ..." >&2; exit 2;;
   esac
