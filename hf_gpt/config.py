@@ -27,6 +27,16 @@ class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2, no traceback."""
 
 
+class Stopped(Exception):
+    """A run stopped by a signal once its checkpoint is saved: run_cli exits with 128 + the signal's number
+    (130 for SIGINT, 143 for SIGTERM), as a shell reports a process the signal ended, so that a script or a
+    batch scheduler tells a stopped run (continue it with --resume) from a finished one (exit 0)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 def first_line(e: Exception) -> str:
     """An exception as `Type: the first line of its message`, for a one-line error."""
     text = str(e).strip()
@@ -272,9 +282,12 @@ def save_config(cfg, path: str | Path) -> None:
 
 
 def run_cli(main) -> None:
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2, a run stopped by a signal
+    (Stopped, which the engine already announced) exit code 128 + the signal's number."""
     try:
         main()
+    except Stopped as e:
+        sys.exit(128 + e.signum)
     except UserError as e:
         # The line must not land on the end of a progress bar: close the bars still open (an error inside their
         # loop), and where no terminal takes the cursor back to the start of the line (a log), start a new one.

@@ -64,6 +64,7 @@ class RunResult:
     tokens: int
     eval: dict
     stopped_early: bool
+    stop_signal: int = 0  # the signal that stopped it (SIGINT, SIGTERM), 0 when it was not stopped
 
 
 # DDP all-reduces gradients in buckets (25 MB by default), and under torch.compile dynamo splits the compiled
@@ -229,10 +230,11 @@ def evaluate(model, batches: list[dict], byte_lengths: torch.Tensor, attn_implem
 
 
 class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits cleanly."""
+    """SIGINT/SIGTERM set `received` to the signal's number; the loop saves a checkpoint at the end of the step
+    and stops, and the script exits with 128 + that number (hf_gpt.config.Stopped)."""
 
     def __init__(self):
-        self.received = False
+        self.received = 0
         self._previous = {}
 
     def __enter__(self):
@@ -241,7 +243,7 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        self.received = True
+        self.received = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -568,7 +570,7 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
         return {"step": step, "tokens": tokens_now(), "window_loss": window_loss.item(), "window_steps": window_steps,
                 "window_grad_norm": window_grad_norm.item()}
 
-    stopped = False
+    stopped = 0  # the number of the signal that stopped the run
     # The bar closes however the loop ends, so that an error line never lands on it.
     with StopSignal() as stop, tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True,
                                     desc=out.name) as bar:
@@ -611,7 +613,7 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                     bar.close()
                     accelerator.print(f"stopped by signal at step {step}; checkpoint {path}; "
                                       f"continue with --resume")
-                    stopped = True
+                    stopped = stop_now
                     break
             # tokens_per_s measures training: the clock stops while evaluating and saving
             window_start += time.perf_counter() - paused
@@ -766,7 +768,7 @@ def checkpoint(run: Run, progress: dict) -> Path:
         return save_checkpoint(run.accelerator, run.output_dir, progress, run.batches, run.cfg.keep_checkpoints)
 
 
-def finish(run: Run, progress: dict, started: float, stopped: bool, final_name: str, info: dict,
+def finish(run: Run, progress: dict, started: float, stopped: int, final_name: str, info: dict,
            mark_final=None) -> RunResult:
     """The end of a run at `progress`: unless stopped by a signal, a last evaluation and <final_name>/; then
     summary.json and loss.png; then, last, the checkpoint whose presence at the last step says all of those
@@ -787,16 +789,17 @@ def finish(run: Run, progress: dict, started: float, stopped: bool, final_name: 
     if not stopped:
         checkpoint(run, progress)
     accelerator.end_training()
-    return RunResult(out, out / final_name, step, tokens, run.last_eval, stopped)
+    return RunResult(out, out / final_name, step, tokens, run.last_eval, bool(stopped), stopped)
 
 
-def _agreed(flag: bool, accelerator, may_sync: bool) -> bool:
-    """A stop signal counts once any process got it, so that all of them save and leave together.
+def _agreed(signum: int, accelerator, may_sync: bool) -> int:
+    """A stop signal counts once any process got it, so that all of them save and leave together, and with
+    the same number (the largest received), so that all of them exit with the same status.
 
     With several processes that takes a collective and a host sync, so it is only asked on log steps.
     """
     if accelerator.num_processes == 1:
-        return flag
+        return signum
     if not may_sync:
-        return False
-    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum").item())
+        return 0
+    return int(accelerator.gather(torch.tensor([signum], device=accelerator.device)).max().item())

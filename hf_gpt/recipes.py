@@ -2,15 +2,16 @@
 a tokenizer and a model, the recipe's data object, train(), then what the recipe does with the result.
 The scripts parse a config, call one of these, and print where things went.
 
-Each returns what the script reports, on the main process; None on the others and for a run stopped by
-a signal (the engine said where to resume).
+Each returns what the script reports, on the main process, and None on the others; a run stopped by a
+signal raises Stopped on every process (the engine said where to resume), which run_cli turns into exit
+status 128 + the signal's number.
 """
 
 from __future__ import annotations
 
 from accelerate import PartialState
 
-from .config import PretrainConfig, UserError
+from .config import PretrainConfig, Stopped, UserError
 from .data import PretrainData
 from .engine import RunResult, start_run, train
 from .hub import check_names, hub_login, mark_personal, push_folder
@@ -37,7 +38,9 @@ def run_pretrain(cfg: PretrainConfig) -> RunResult | None:
     accelerator.print(f"model: {model.num_parameters():,} parameters")
     result = train(cfg, model, data.tokenizer, data, accelerator,
                    info={"recipe": "pretrain", "base_model": None, "datasets": [cfg.dataset]})
-    if result.stopped_early or not accelerator.is_main_process:
+    if result.stopped_early:
+        raise Stopped(result.stop_signal)
+    if not accelerator.is_main_process:
         return None
     if cfg.push_to_hub:
         print(f"pushed to {push_folder(result.final_dir, cfg.push_to_hub)}")
@@ -60,7 +63,9 @@ def run_sft(cfg: SFTConfig) -> tuple[RunResult, dict] | None:
     accelerator.print(data.summary())
     result = train(cfg, model, tokenizer, data, accelerator,
                    info={"recipe": "sft", "base_model": cfg.model, "datasets": [cfg.dataset], "data": data.counts})
-    if result.stopped_early or not accelerator.is_main_process:
+    if result.stopped_early:
+        raise Stopped(result.stop_signal)
+    if not accelerator.is_main_process:
         return None
     if not data.test:
         return result, {}
@@ -110,7 +115,9 @@ def run_lora(cfg: LoraRunConfig) -> dict | None:
                    info={"recipe": "lora", "base_model": base, "datasets": [], "writing": counts},
                    # inside the folder's swap: copied anywhere, adapter/ still says what it learnt
                    mark_final=mark_personal)
-    if result.stopped_early or not accelerator.is_main_process:
+    if result.stopped_early:
+        raise Stopped(result.stop_signal)
+    if not accelerator.is_main_process:
         return None
     summary = report.write(model, data, result, base_model=base, counts=counts, trainable=trainable)
     if cfg.merge:

@@ -23,7 +23,7 @@ from hf_gpt.recipes import run_lora  # noqa: E402
 def main():
     cfg = load_config(LoraRunConfig, description=__doc__)
     report = run_lora(cfg)
-    if report is None:  # another process, or stopped by a signal (the engine said where to resume)
+    if report is None:  # another process (a run stopped by a signal raised Stopped: run_cli exits 128 + its number)
         return
     h, g = report["heldout_perplexity"], report["general_perplexity"]
     line = f"held-out perplexity on your writing: base {h['base']:.2f} -> adapted {h['adapted']:.2f}"

@@ -158,6 +158,28 @@ def test_a_run_stopped_by_a_signal_between_log_steps_resumes_with_the_same_rows(
     assert rows_without_timing(stopped) == rows_without_timing(tmp_path / "straight")
 
 
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(tiny_args, tmp_path, signum, status):
+    """As a shell reports a process the signal ended, so that a script tells it from a finished run (exit 0)."""
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "scripts/pretrain.py", *tiny_args, "--max_steps", "5000",
+                                "--output_dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None and not (
+                (out / "metrics.jsonl").exists() and losses(out)):
+            time.sleep(0.1)
+        process.send_signal(signum)
+        log = process.communicate(timeout=240)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    assert process.returncode == status, log[-3000:]
+    assert "stopped by signal" in log and "continue with --resume" in log, log[-3000:]
+    assert checkpoint_dirs(out) and not (out / "final").exists()
+
+
 def test_a_run_started_before_linear_layout_resumes_in_conv1d_layout(tiny_args, tmp_path):
     """Its checkpoints hold AdamW's moments in Conv1D's layout (its config.yaml has no linear_layout): it resumes in
     that layout and trains on as if uninterrupted."""
