@@ -424,6 +424,13 @@ class PretrainData:
         if self.eval_split:
             return (f"dataset {self.cfg.dataset}: its '{self.eval_split}' split has no documents; "
                     "set --eval_split to a split with documents, or --eval_split '' to hold documents out by hash")
+        # Documents are held out whole, so a corpus of one document has none to spare, at any share: raising
+        # --val_fraction would only be a wasted try. Two documents are enough to tell (a streamed corpus too).
+        column = self.cfg.text_column
+        if sum(1 for _ in itertools.islice((ex for ex in self.source.load() if ex[column].strip()), 2)) < 2:
+            return (f"dataset {self.cfg.dataset}: it holds a single document, and validation holds out whole "
+                    "documents, so no --val_fraction can help; give it more documents (one a file, or one a "
+                    "JSON Lines record) or name a validation split with --eval_split")
         return (f"dataset {self.cfg.dataset}: no document is held out for validation at val_fraction "
                 f"{self.holdout:g}; raise --val_fraction (a small corpus needs ~0.01 or more) or name a "
                 "validation split with --eval_split")

@@ -154,6 +154,19 @@ def test_an_empty_validation_split_is_named(tmp_path, corpus, tokenizer_dir):
         make_data(corpus, tokenizer_dir, val_fraction=0.00001).eval_batches(0, 1)
 
 
+def test_a_corpus_of_one_document_is_not_told_to_raise_val_fraction(tmp_path, corpus, tokenizer_dir):
+    """Documents are held out whole: no share can give one document to both training and validation."""
+    # One that trains (not held out at the share 0.1), so validation is empty.
+    text = next(t for t in (p.read_text() for p in sorted(corpus.glob("*.txt"))) if not in_holdout(t, 0.1))
+    (tmp_path / "one.txt").write_text(text)
+    with pytest.raises(UserError) as error:
+        make_data(tmp_path / "one.txt", tokenizer_dir).eval_batches(0, 1)
+    assert str(error.value) == (
+        f"dataset {tmp_path / 'one.txt'}: it holds a single document, and validation holds out whole documents, so "
+        "no --val_fraction can help; give it more documents (one a file, or one a JSON Lines record) or name a "
+        "validation split with --eval_split")
+
+
 # Mixing: a corpus of long documents, as books, manuals and a person's own writing are.
 
 
