@@ -314,6 +314,13 @@ def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int)
     before `linear_layout` existed goes on without it: its checkpoints hold AdamW's moments in Conv1D's layout;
     one started before `shuffle_rows` reads its data in order to the end, as it began."""
     saved_by = len(list(checkpoint.glob("progress_*.pt")))
+    if saved_by == 0:
+        # Every process writes one, so none means the folder was damaged (or emptied by hand) after its swap, not
+        # a run of another size: --resume takes the latest checkpoint, so the way on is to remove this one.
+        earlier = [c for c in checkpoint_dirs(output_dir) if c.name < checkpoint.name]
+        then = f"--resume then continues from {earlier[-1]}" if earlier else "--resume then starts from scratch"
+        raise UserError(f"{checkpoint} is incomplete or damaged: it holds no progress_*.pt (each process's place in "
+                        f"the data); remove it, and {then}")
     if saved_by != num_processes:
         raise UserError(f"{checkpoint} was saved by {saved_by} processes and this run has {num_processes}; "
                         f"resume with {saved_by} (each process saved its place in its own share of the data)")

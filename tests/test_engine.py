@@ -180,6 +180,19 @@ def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(tiny_args, tmp
     assert checkpoint_dirs(out) and not (out / "final").exists()
 
 
+def test_a_checkpoint_without_progress_files_names_the_previous_one(tiny_args, tmp_path):
+    """Not "saved by 0 processes ... resume with 0": the checkpoint is damaged, and the one before it serves."""
+    out = tmp_path / "run"
+    common = [*tiny_args, "--max_steps", "6", "--output_dir", str(out)]
+    train_in_process([*common, "--save_every", "2"], lambda data: StopAt(data, 4))
+    first, latest = checkpoint_dirs(out)
+    (latest / "progress_0.pt").unlink()
+    with pytest.raises(UserError) as error:
+        train_in_process([*common, "--resume"])
+    assert str(error.value) == (f"{latest} is incomplete or damaged: it holds no progress_*.pt (each process's "
+                                f"place in the data); remove it, and --resume then continues from {first}")
+
+
 def test_a_run_started_before_linear_layout_resumes_in_conv1d_layout(tiny_args, tmp_path):
     """Its checkpoints hold AdamW's moments in Conv1D's layout (its config.yaml has no linear_layout): it resumes in
     that layout and trains on as if uninterrupted."""
