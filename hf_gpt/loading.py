@@ -4,6 +4,7 @@ script loads through here, so a failure is always one line that names what could
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -20,9 +21,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 DEFAULT_CONTEXT = 2048
 
 
+def looks_local(name_or_path: str) -> bool:
+    """Whether a name that is no folder was meant as one. A Hub id has the shape of a relative path
+    (owner/name), so only these count: one that starts with '.', '/' or '~', or whose first part is a folder
+    here, or is runs (the recipes' output folders: runs/nope is a run, even before runs/ exists). Otherwise it
+    would go to the Hub, and fail as unreachable or unknown there."""
+    parts = Path(name_or_path).parts
+    return name_or_path.startswith((".", "/", "~", os.sep)) or (
+        len(parts) > 1 and (parts[0] == "runs" or Path(parts[0]).is_dir()))
+
+
 def check_source(name_or_path: str, what: str, files: tuple[str, ...]) -> None:
-    """One clear line for the two usual slips, before transformers answers them obscurely: a path that does
-    not exist (taken for a malformed Hub id) and a folder that holds none of `files` (a run folder, data)."""
+    """One clear line for the usual slips, before transformers answers them obscurely: a path that does not
+    exist (taken for a Hub id, malformed or not), and a folder that holds none of `files` (a run folder, data)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not any((path / f).is_file() for f in files):
@@ -30,6 +41,10 @@ def check_source(name_or_path: str, what: str, files: tuple[str, ...]) -> None:
             raise UserError(f"{what} '{name_or_path}' could not be loaded: the folder has none of {', '.join(files)}"
                             f"{hint}")
         return
+    if path.exists():
+        raise UserError(f"{what} '{name_or_path}' could not be loaded: it is a file; give the folder that holds it")
+    if looks_local(name_or_path):
+        raise UserError(f"{what} '{name_or_path}' could not be loaded: no such folder")
     try:
         validate_repo_id(name_or_path)
     except HFValidationError:
@@ -37,12 +52,25 @@ def check_source(name_or_path: str, what: str, files: tuple[str, ...]) -> None:
                         "(owner/name)") from None
 
 
+def adapter_base(name_or_path: str, what: str = "model") -> str:
+    """The base model a PEFT adapter folder's adapter_config.json names. A local base that is not there (moved
+    or deleted since; hf_gpt.lora records it as an absolute path) is said so, before PEFT takes the path for a
+    malformed Hub id ("Repo id must be in the form ...")."""
+    with could_not_load(what, name_or_path):
+        base = json.loads((Path(name_or_path).expanduser() / "adapter_config.json").read_text())[
+            "base_model_name_or_path"]
+    if not Path(base).expanduser().is_dir() and looks_local(base):
+        raise UserError(f"{what} '{name_or_path}' could not be loaded: its base model folder {base} "
+                        "(base_model_name_or_path in its adapter_config.json) is missing; put the base back there, "
+                        "or write where it is now into adapter_config.json")
+    return base
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """A folder's or Hub model's tokenizer; a PEFT adapter saved without one has its base model's."""
     folder = Path(name_or_path).expanduser()
     if (folder / "adapter_config.json").is_file() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        with could_not_load("tokenizer", name_or_path):
-            name_or_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        name_or_path = adapter_base(name_or_path, "tokenizer")
         folder = Path(name_or_path).expanduser()
     check_source(name_or_path, "tokenizer", TOKENIZER_FILES)
     with could_not_load("tokenizer", name_or_path):
@@ -77,6 +105,8 @@ def load_causal_lm(name_or_path: str, *, device: str | torch.device = "cpu", dty
     path = Path(name_or_path).expanduser()  # as check_source reads it: ~/runs/me/adapter is a folder
     source = str(path) if path.exists() else name_or_path
     options = {"dtype": dtype, "attn_implementation": attention_name(attn_implementation), **config}
+    if (path / "adapter_config.json").is_file():
+        adapter_base(name_or_path)  # a base that moved is said so, not left to PEFT
     with could_not_load("model", name_or_path):
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM

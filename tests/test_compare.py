@@ -235,13 +235,40 @@ def test_peft_adapter_is_loaded_on_its_base(tmp_path, tokenizer):
     assert tok.get_vocab() == tokenizer.get_vocab()
 
 
+def test_an_adapter_whose_base_folder_moved_says_so(tmp_path, tokenizer):
+    """Not PEFT's "Repo id must be in the form ...": the base the adapter names is the folder that is missing."""
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = tmp_path / "base"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=16, n_layer=1,
+                               n_head=2)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    get_peft_model(GPT2LMHeadModel.from_pretrained(base_dir),
+                   LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(tmp_path / "adapter")
+    base_dir.rename(tmp_path / "moved")
+    for load in (load_model, load_tokenizer):  # an adapter saved without a tokenizer reads its base's
+        with pytest.raises(UserError) as error:
+            load(str(tmp_path / "adapter"))
+        what = "model" if load is load_model else "tokenizer"
+        assert str(error.value) == (f"{what} '{tmp_path / 'adapter'}' could not be loaded: its base model folder "
+                                    f"{base_dir} (base_model_name_or_path in its adapter_config.json) is missing; "
+                                    "put the base back there, or write where it is now into adapter_config.json")
+
+
+def test_a_run_folder_that_is_not_there_is_no_such_folder_not_a_hub_failure():
+    """runs/nope has the shape of a Hub id (owner/name), but runs/ is where runs go: no such folder, said at once."""
+    result = run_script("scripts/generate.py", "runs/nope", "--prompt", "x", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: model 'runs/nope' could not be loaded: no such folder"
+
+
 def test_load_model_errors_are_one_line(tmp_path):
     (tmp_path / "run" / "final").mkdir(parents=True)
     with pytest.raises(UserError, match=r"did you mean .*final") as e:
         load_model(str(tmp_path / "run"))
     assert "\n" not in str(e.value)
     # A path that is not there is not taken for a malformed Hub id (scripts/generate.py, compare.py).
-    with pytest.raises(UserError, match=r"'.*nope' could not be loaded: no such folder, and not a Hub id"):
+    with pytest.raises(UserError, match=r"'.*nope' could not be loaded: no such folder$"):
         load_model(str(tmp_path / "nope"))
     # A folder of something else says what it lacks, whole (not the first line of a tokenizer's long message).
     (tmp_path / "notes").mkdir()
