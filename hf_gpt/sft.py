@@ -119,6 +119,10 @@ def check_config(cfg: SFTConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------- records
 
+# Local files of records that datasets reads by their suffix; any other file is read as JSON records.
+DATASETS_SUFFIXES = (".csv", ".tsv", ".parquet", ".arrow", ".txt")
+
+
 def read_records(name: str, config: str = "", split: str = "train") -> list[tuple[str, object]]:
     """Every record with where it came from ("data.json: record 7"), for one-line errors.
 
@@ -129,6 +133,11 @@ def read_records(name: str, config: str = "", split: str = "train") -> list[tupl
     if path.suffix in (".json", ".jsonl"):
         if not path.is_file():
             raise UserError(f"data file not found: {name}")
+        return _read_json_records(path)
+    if path.is_file() and path.suffix.lower() not in DATASETS_SUFFIXES:
+        # datasets picks a file's reader by its suffix, and of any other file (a binary one, records saved
+        # without a suffix) says it "couldn't find any data file", though the file is there: read as JSON
+        # records, it is refused with what is wrong with it.
         return _read_json_records(path)
     if name.startswith(("/", ".", "~")) and not path.exists():
         raise UserError(f"data path not found: {name}")
@@ -143,7 +152,8 @@ def _read_json_records(path: Path) -> list[tuple[str, object]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 (byte {e.start})") from None
+        raise UserError(f"{path}: cannot be read as JSON or text: not UTF-8 (byte {e.start}; a binary file?); "
+                        "give JSON or JSON Lines records, or a .csv or .parquet file of them") from None
     whole = None
     if path.suffix == ".json":
         try:

@@ -219,6 +219,16 @@ def test_malformed_jsonl_names_the_file_and_record(tmp_path, lines, problem):
     assert problem in str(error.value)
 
 
+@pytest.mark.parametrize("name", ["data.bin", "data.jsonl", "data"])
+def test_a_binary_file_cannot_be_read_as_json_not_that_it_was_not_found(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError) as error:
+        read_records(str(path))
+    assert str(error.value) == (f"{path}: cannot be read as JSON or text: not UTF-8 (byte 128; a binary file?); "
+                                "give JSON or JSON Lines records, or a .csv or .parquet file of them")
+
+
 def test_every_record_kind_becomes_a_chat(tmp_path, tokenizer):
     path = tmp_path / "mixed.json"  # JSON lines under a .json name, as datasets' to_json writes them
     path.write_text("\n".join(json.dumps(r) for r in [
