@@ -34,6 +34,8 @@ def generate_ids(model, tokenizer, prompts: list[str] | list[list[int]], *, max_
     so every row ends where its reply begins; `generate` derives the positions from the attention mask, so
     padding changes nothing.
     """
+    if max_new_tokens < 1:  # else the room left below would blame the prompt's length
+        raise UserError(f"max_new_tokens must be 1 or more, not {max_new_tokens}")
     ids = [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
     limit, eos = context_length(model, tokenizer), tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos

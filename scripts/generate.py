@@ -41,6 +41,8 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.max_new_tokens < 1:  # before the model loads (generate_ids refuses it too, later)
+        raise UserError(f"--max_new_tokens must be 1 or more, not {args.max_new_tokens}")
     set_seed(args.seed)
     model, tokenizer = load_model(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,

@@ -117,6 +117,15 @@ def test_batched_generation_equals_one_prompt_at_a_time(chat_model):
     assert len(set(alone)) == 3
 
 
+def test_max_new_tokens_below_one_is_refused_not_blamed_on_the_prompt(chat_model):
+    out = run_script("scripts/generate.py", str(chat_model), "--prompt", "hi", "--max_new_tokens", "-1", check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: --max_new_tokens must be 1 or more, not -1"
+    model, tokenizer = load_model(str(chat_model))  # every other caller of generate (compare.py, SFT's replies)
+    with pytest.raises(UserError, match=r"^max_new_tokens must be 1 or more, not 0$"):
+        generate(model, tokenizer, ["hi"], max_new_tokens=0)
+
+
 def test_loss_is_on_the_reply_and_its_end_token_only(tokenizer, base_model):
     examples = [encode_chat(tokenizer, chat, "test") for chat in CHATS]
     for chat, ex in zip(CHATS, examples):  # every reply of a chat is learnt, each with its end token
