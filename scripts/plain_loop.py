@@ -32,6 +32,7 @@ p.add_argument("--steps", type=int, default=400)
 p.add_argument("--learning_rate", type=float, default=1.5e-3)
 p.add_argument("--warmup_steps", type=int, default=80)
 p.add_argument("--order", choices=["random", "seq"], default="random")
+p.add_argument("--seed", type=int, default=0, help="Seeds the order of the blocks (seed) and the initial weights (1337 + seed).")
 p.add_argument("--output_dir", required=True, help="Where the final model is saved (Hub format).")
 args = p.parse_args()
 
@@ -46,9 +47,9 @@ print(f"tokenized {len(train):,} tokens in {time.time() - started:.0f} s", flush
 
 B, T = 64, 1024
 blocks = (len(train) - 1) // T
-order = torch.randperm(blocks, generator=torch.Generator().manual_seed(0)) if args.order == "random" else torch.arange(blocks)
+order = torch.randperm(blocks, generator=torch.Generator().manual_seed(args.seed)) if args.order == "random" else torch.arange(blocks)
 
-torch.manual_seed(1337)
+torch.manual_seed(1337 + args.seed)
 model = GPT2LMHeadModel(GPT2Config(n_positions=T, n_embd=768, n_layer=12, n_head=12, vocab_size=50304,
                                    resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, tie_word_embeddings=True,
                                    attn_implementation="sdpa")).cuda()
@@ -84,5 +85,5 @@ for step in range(args.steps):
 seconds = time.time() - started
 model.save_pretrained(args.output_dir)
 tokenizer.save_pretrained(args.output_dir)
-print(json.dumps({"run": "plain_loop", "order": args.order, "warmup_steps": args.warmup_steps, "steps": args.steps,
+print(json.dumps({"run": "plain_loop", "seed": args.seed, "order": args.order, "warmup_steps": args.warmup_steps, "steps": args.steps,
                   "seconds": round(seconds), "train_loss": curve}), flush=True)
