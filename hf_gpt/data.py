@@ -206,7 +206,7 @@ class PackedBatches:
                  document_masking: bool = True, shuffle_rows: int = 0, seed: int = 0,
                  error_context: DocumentSource | None = None, one_pass: bool = False, no_loss: int | None = None):
         if crop not in CROPS:
-            raise UserError(f"crop must be '', 'random' or 'start', not '{crop}'")
+            raise UserError(f"crop must be one of {', '.join(map(repr, CROPS))}, not {crop!r}")
         self.documents, self.block_size, self.micro_batch_size = documents, block_size, micro_batch_size
         self.crop, self.document_masking, self.source = crop, document_masking, error_context
         self.one_pass, self.no_loss = one_pass, no_loss
@@ -519,13 +519,11 @@ class ShardBatches:
         self._starts = self._epoch_starts()
 
     def _epoch_starts(self) -> np.ndarray:
-        """The first token of each block, in the order this epoch reads them."""
-        if not self.shuffle:
-            return np.arange(self.lo, self.hi, self.block_size)
-        rng = np.random.default_rng([self.seed, self.epoch])
-        shift = int(rng.integers(self.block_size))
+        """The first token of each whole block, in the order this epoch reads them."""
+        rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
+        shift = int(rng.integers(self.block_size)) if rng else 0
         count = (self.hi - self.lo - shift) // self.block_size
-        return self.lo + shift + rng.permutation(count) * self.block_size
+        return self.lo + shift + (rng.permutation(count) if rng else np.arange(count)) * self.block_size
 
     def __iter__(self):
         return self
@@ -538,7 +536,7 @@ class ShardBatches:
                 raise StopIteration
             rows = as_rows(np.asarray(self.tokens[start:min(start + n * size, self.hi)]), size)
         else:
-            if self.index + n > len(self._starts) or self._starts[self.index + n - 1] + size > self.hi:
+            if self.index + n > len(self._starts):
                 self.epoch, self.index = self.epoch + 1, 0
                 self._starts = self._epoch_starts()
             rows = np.stack([np.asarray(self.tokens[s:s + size]) for s in self._starts[self.index:self.index + n]])

@@ -15,7 +15,7 @@ set -euo pipefail
 out=${1:-runs/mixing}
 mkdir -p "$out"
 run=(--config configs/english-124m.yaml --tokens_per_step 65536 --max_tokens 26214400 --learning_rate 1.5e-3
-     --attn_implementation varlen --eval_every 0 --save_every 0 --sample_prompts)  # warmup: a share of the 400 steps
+     --attn_implementation varlen --eval_every 0 --save_every 0 --sample_prompts --warmup_ratio 0)
 
 engine() {  # NAME FLAGS...: one engine run, its log beside its folder
   local name=$1; shift
@@ -28,15 +28,15 @@ for what in "${@:2}"; do  # every group's runs side by side
     parity)
       python scripts/plain_loop.py data/english data/gpt2-tokenizer --steps 400 --warmup_steps 80 \
         --output_dir "$out/plain" > "$out/plain.log" 2>&1 &
-      engine masking-on --warmup_ratio 0.2 &
-      engine masking-off --warmup_ratio 0.2 --document_masking false --attn_implementation sdpa &
+      engine masking-on --warmup_steps 80 &
+      engine masking-off --warmup_steps 80 --document_masking false --attn_implementation sdpa &
       models+=("$out/plain" "$out/masking-on/final" "$out/masking-off/final");;
     seeds)  # the same two engine runs with another seed (initial weights and the order of the data)
-      engine masking-on-seed2 --warmup_ratio 0.2 --seed 2 &
-      engine masking-off-seed2 --warmup_ratio 0.2 --seed 2 --document_masking false --attn_implementation sdpa &
+      engine masking-on-seed2 --warmup_steps 80 --seed 2 &
+      engine masking-off-seed2 --warmup_steps 80 --seed 2 --document_masking false --attn_implementation sdpa &
       models+=("$out/masking-on-seed2/final" "$out/masking-off-seed2/final");;
     warmup)
-      for w in 20 40 160; do engine "warmup-$w" --warmup_ratio "$(python -c "print($w / 400)")" & done
+      for w in 20 40 160; do engine "warmup-$w" --warmup_steps $w & done
       models+=("$out/warmup-20/final" "$out/warmup-40/final" "$out/warmup-160/final");;
     *) echo "usage: $0 OUT parity|seeds|warmup ..." >&2; exit 2;;
   esac
