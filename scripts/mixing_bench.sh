@@ -7,7 +7,10 @@
 #
 #   bash scripts/mixing_bench.sh runs/mixing parity         # the plain loop, the engine with document masking on and off
 #   bash scripts/mixing_bench.sh runs/mixing warmup seeds   # warmup 20, 40, 160 (80 is parity's); parity's engine
-#                                                           # runs with another seed: groups run side by side
+#                                                           # runs with seed 2: groups run side by side
+#   bash scripts/mixing_bench.sh runs/mixing seed:3 plain:2 # parity's three runs with seed 3; the plain loop with seed 2
+#   ENGINE_FLAGS='--shuffle_rows 32768' bash scripts/mixing_bench.sh runs/big engine:2 engine:3
+#                                                           # the engine's two runs with seeds 2 and 3, a flag changed
 #
 # Reads data/english (train-*.parquet + validation.parquet), data/gpt2-tokenizer and data/eval (wiki.test.raw,
 # tinyshakespeare.txt): docs/results/english/README.md says where they come from.
@@ -15,7 +18,7 @@ set -euo pipefail
 out=${1:-runs/mixing}
 mkdir -p "$out"
 run=(--config configs/english-124m.yaml --tokens_per_step 65536 --max_tokens 26214400 --learning_rate 1.5e-3
-     --attn_implementation varlen --eval_every 0 --save_every 0 --sample_prompts --warmup_ratio 0)
+     --attn_implementation varlen --eval_every 0 --save_every 0 --sample_prompts --warmup_ratio 0 ${ENGINE_FLAGS:-})
 
 engine() {  # NAME FLAGS...: one engine run, its log beside its folder
   local name=$1; shift
@@ -35,10 +38,27 @@ for what in "${@:2}"; do  # every group's runs side by side
       engine masking-on-seed2 --warmup_steps 80 --seed 2 &
       engine masking-off-seed2 --warmup_steps 80 --seed 2 --document_masking false --attn_implementation sdpa &
       models+=("$out/masking-on-seed2/final" "$out/masking-off-seed2/final");;
+    seed:*)  # parity's three runs with another seed
+      n=${what#seed:}
+      python scripts/plain_loop.py data/english data/gpt2-tokenizer --steps 400 --warmup_steps 80 --seed "$n" \
+        --output_dir "$out/plain-seed$n" > "$out/plain-seed$n.log" 2>&1 &
+      engine "masking-on-seed$n" --warmup_steps 80 --seed "$n" &
+      engine "masking-off-seed$n" --warmup_steps 80 --seed "$n" --document_masking false --attn_implementation sdpa &
+      models+=("$out/plain-seed$n" "$out/masking-on-seed$n/final" "$out/masking-off-seed$n/final");;
+    engine:*)  # parity's two engine runs with another seed
+      n=${what#engine:}
+      engine "masking-on-seed$n" --warmup_steps 80 --seed "$n" &
+      engine "masking-off-seed$n" --warmup_steps 80 --seed "$n" --document_masking false --attn_implementation sdpa &
+      models+=("$out/masking-on-seed$n/final" "$out/masking-off-seed$n/final");;
+    plain:*)  # the plain loop alone with another seed
+      n=${what#plain:}
+      python scripts/plain_loop.py data/english data/gpt2-tokenizer --steps 400 --warmup_steps 80 --seed "$n" \
+        --output_dir "$out/plain-seed$n" > "$out/plain-seed$n.log" 2>&1 &
+      models+=("$out/plain-seed$n");;
     warmup)
       for w in 20 40 160; do engine "warmup-$w" --warmup_steps $w & done
       models+=("$out/warmup-20/final" "$out/warmup-40/final" "$out/warmup-160/final");;
-    *) echo "usage: $0 OUT parity|seeds|warmup ..." >&2; exit 2;;
+    *) echo "usage: $0 OUT parity|seeds|seed:N|engine:N|plain:N|warmup ..." >&2; exit 2;;
   esac
 done
 wait
@@ -46,7 +66,7 @@ wait
 for f in "$out"/*/summary.json; do
   python -c "import json,sys; s=json.load(open(sys.argv[1])); print(sys.argv[1], 'engine val_loss', round(s['eval']['val_loss'], 4), 'wall', round(s['wall_time_s']))" "$f"
 done
-grep -h '"run": "plain_loop"' "$out"/plain.log 2>/dev/null || true
+grep -h '"run": "plain_loop"' "$out"/plain*.log 2>/dev/null || true
 python scripts/compare.py "${models[@]}" --tasks text,wikitext --dataset data/english/validation.parquet \
   --max_documents 1000 --wikitext data/eval/wiki.test.raw --output_dir "$out/compare" | tail -12
 python scripts/compare.py "${models[@]}" --tasks text --dataset data/eval/tinyshakespeare.txt \
