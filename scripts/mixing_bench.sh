@@ -18,7 +18,7 @@ set -euo pipefail
 out=${1:-runs/mixing}
 mkdir -p "$out"
 run=(--config configs/english-124m.yaml --tokens_per_step 65536 --max_tokens 26214400 --learning_rate 1.5e-3
-     --attn_implementation varlen --eval_every 0 --save_every 0 --sample_prompts --warmup_ratio 0 ${ENGINE_FLAGS:-})
+     --document_masking true --attn_implementation varlen --eval_every 0 --save_every 0 --sample_prompts --warmup_ratio 0 ${ENGINE_FLAGS:-})
 
 engine() {  # NAME FLAGS...: one engine run, its log beside its folder
   local name=$1; shift
