@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The English results of README.md and docs/results/english/, on a machine with two GPUs: the corrected
+# The English results of docs/results/README.md and docs/results/english/, on a machine with two GPUs: the corrected
 # recipe (configs/english-124m.yaml) and the seed article's (configs/seed-3090.yaml pointed at the same
 # corpus, the same token budget) trained side by side, one GPU each; then the benchmark of the same
 # settings, SFT and LoRA of the corrected base, and both bases through scripts/compare.py.

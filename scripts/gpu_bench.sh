@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's throughput table, on one GPU: the hand-written reference first, then each variant in its
+# The throughput table of docs/results/throughput.md, on one GPU: the hand-written reference first, then each variant in its
 # own process with the reference's figure, so every row carries `vs_reference` from the same machine.
 # usage: bash scripts/gpu_bench.sh OUT_FILE [variant ...]     (no variant: all of them)
 # varlen runs FA4 where flash-attn-4 is installed and the GPU is a Hopper or Blackwell (varlen_kernel auto),

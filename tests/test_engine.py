@@ -532,7 +532,7 @@ def test_a_stopped_launcher_checkpoints_its_run_and_a_second_run_is_refused(tiny
 
 
 def test_a_launched_run_ends_on_its_error_line_with_quiet(tiny_args, tmp_path):
-    """What the README says of `accelerate launch -q`: Accelerate's exit status 1, our line last."""
+    """What docs/running.md says of `accelerate launch -q`: Accelerate's exit status 1, our line last."""
     result = subprocess.run([*LAUNCH, "-q", "scripts/pretrain.py", *tiny_args, "--log_every", "0",
                              "--output_dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
