@@ -34,20 +34,26 @@ corrected() {
 }
 
 seed() {
-  export CUDA_VISIBLE_DEVICES=1
+  export CUDA_VISIBLE_DEVICES=${SEED_GPU:-1}
   step pretrain seed
   # The article's recipe, the same corpus and token budget; compiled only for speed (the same arithmetic),
-  # evaluated every 1,067 steps = 6.6M tokens, as the corrected run every 25 steps.
+  # evaluated every 1,067 steps = 6.6M tokens, as the corrected run every 100 steps.
   $L scripts/pretrain.py --config configs/seed-3090.yaml --dataset data/english --tokenizer data/gpt2-tokenizer \
       --max_tokens 104857600 --compile true --eval_every 1067 --eval_batches 0 --save_every 0 \
       --output_dir runs/seed-english
 }
 
-corrected > "$R/corrected.log" 2>&1 &
-seed > "$R/seed.log" 2>&1 &
-wait
+# PARTS=corrected (or seed) runs one half alone, on GPU 0 of a one-GPU machine; the comparison then scores the
+# final models that exist.
+case ${PARTS:-both} in
+  both) corrected > "$R/corrected.log" 2>&1 & seed > "$R/seed.log" 2>&1 & wait;;
+  corrected) corrected > "$R/corrected.log" 2>&1;;
+  seed) SEED_GPU=0 seed > "$R/seed.log" 2>&1;;
+  *) echo "PARTS must be both, corrected or seed" >&2; exit 2;;
+esac
 step compare >> "$R/corrected.log"
-CUDA_VISIBLE_DEVICES=0 python3 scripts/compare.py runs/english-124m/final runs/seed-english/final \
+models=(); for m in runs/english-124m/final runs/seed-english/final; do [ -d "$m" ] && models+=("$m"); done
+CUDA_VISIBLE_DEVICES=0 python3 scripts/compare.py "${models[@]}" \
     --dataset data/english/validation.parquet --max_documents 1000 --hellaswag data/eval/hellaswag_val.jsonl.xz \
     --lambada data/eval/lambada_test.jsonl --wikitext data/eval/wiki.test.raw --batch_size 32 \
     --output_dir "$R/compare" > "$R/compare.log" 2>&1
