@@ -580,7 +580,7 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     stopped = 0  # the number of the signal that stopped the run
     # The bar closes however the loop ends, so that an error line never lands on it.
     with StopSignal() as stop, tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True,
-                                    desc=out.name) as bar:
+                                    desc=out.name) as bar, _lost_process_line(accelerator, out, lambda: step):
         while step < total_steps:
             micro_batches = [next(run.batches) for _ in range(run.accumulation)]
             lr = run.scheduler.get_last_lr()[0]  # this step's: the scheduler moves on at its end
@@ -625,6 +625,28 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
             # tokens_per_s measures training: the clock stops while evaluating and saving
             window_start += time.perf_counter() - paused
     return finish(run, progress_now(), started, stopped, final_name, info or {}, mark_final)
+
+
+# What a collective raises when another process of the run has died (kill -9, out of memory, a lost machine):
+# gloo's "Connection reset by peer" / "Connection closed by peer" are plain RuntimeErrors, NCCL's DistBackendError.
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted")
+
+
+@contextlib.contextmanager
+def _lost_process_line(accelerator, out: Path, step):
+    """A collective that fails because another process died becomes one line on every survivor (the launcher
+    then stops them all and names the process that died) instead of a traceback of the all-reduce."""
+    try:
+        yield
+    except RuntimeError as e:
+        lost = isinstance(e, torch.distributed.DistError) or any(s in str(e) for s in LOST_PEER)
+        if accelerator.num_processes == 1 or not lost:
+            raise
+        saved = checkpoint_dirs(out)
+        what = next((s for s in LOST_PEER if s in str(e)), first_line(e)[:80])
+        raise UserError(f"another process of this run stopped during step {step() + 1} ({type(e).__name__}: {what}); "
+                        f"every process stops. Continue with --resume on {accelerator.num_processes} processes"
+                        + (f": it starts from {saved[-1]}" if saved else ": no checkpoint was written yet")) from None
 
 
 @dataclass

@@ -590,3 +590,40 @@ def test_two_process_training(tiny_args, tmp_path):
     assert rows[-1]["tokens"] == 3 * 2 * 4 * 64  # steps x processes x micro-batch x block
     assert {"progress_0.pt", "progress_1.pt"} <= {p.name for p in (run / "checkpoints" / "step_00000003").iterdir()}
     AutoModelForCausalLM.from_pretrained(run / "final")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pgrep finds the launcher's children")
+def test_a_process_killed_stops_every_process_with_one_line_and_the_run_resumes_exactly(tiny_args, tmp_path):
+    """kill -9 of one process of two: the other stops within seconds with one line (not a traceback of the
+    all-reduce it was waiting in), the launcher exits, and --resume on two processes logs what a run never
+    stopped logs."""
+    args = [*tiny_args, "--max_steps", "80", "--save_every", "10", "--log_every", "5"]
+    straight = tmp_path / "straight"
+    launch_two("scripts/pretrain.py", *args, "--output_dir", str(straight))
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "scripts/pretrain.py", *args, "--output_dir", str(run)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        first = run / "checkpoints" / "step_00000010"
+        while time.time() < deadline and launcher.poll() is None and not first.is_dir():
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2 and launcher.poll() is None
+        killed = time.time()
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=60)
+        assert time.time() - killed < 60
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode != 0
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "another process of this run stopped during step" in lines[0], stderr[-3000:]
+    assert "Continue with --resume on 2 processes: it starts from" in lines[0]
+    assert "[rank0]: Traceback" not in stderr
+    assert subprocess.run(["pgrep", "-f", str(run)], capture_output=True).returncode == 1  # no process left
+    launch_two("scripts/pretrain.py", *args, "--output_dir", str(run), "--resume")
+    assert losses(run) == losses(straight)
