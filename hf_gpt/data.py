@@ -27,11 +27,10 @@ from datasets import IterableDataset, load_dataset
 from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 from datasets.distributed import split_dataset_by_node
 
-from .config import UserError, could_not_load
+from .config import UserError, check_choice, could_not_load
 from .files import atomic_folder
 
 STDLIB = "stdlib"
-CROPS = ("", "random", "start")
 LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -205,8 +204,7 @@ class PackedBatches:
     def __init__(self, documents: IterableDataset, *, block_size: int, micro_batch_size: int, crop: str = "",
                  document_masking: bool = True, shuffle_rows: int = 0, seed: int = 0,
                  error_context: DocumentSource | None = None, one_pass: bool = False, no_loss: int | None = None):
-        if crop not in CROPS:
-            raise UserError(f"crop must be one of {', '.join(map(repr, CROPS))}, not {crop!r}")
+        check_choice("crop", crop)
         self.documents, self.block_size, self.micro_batch_size = documents, block_size, micro_batch_size
         self.crop, self.document_masking, self.source = crop, document_masking, error_context
         self.one_pass, self.no_loss = one_pass, no_loss
