@@ -28,6 +28,7 @@ import pickle
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -353,7 +354,26 @@ def run_summary(cfg, accelerator, result: dict, info: dict) -> dict:
     else:
         hardware = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {**info, **result, "hardware": hardware, "num_processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision, "versions": versions}
+            "mixed_precision": accelerator.mixed_precision, "versions": versions, **code_version()}
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_version(root: Path = REPO_ROOT) -> dict:
+    """The commit of the code that ran and whether its checkout had changes (tracked or new files) besides it:
+    None for both outside a git checkout of it (an installed copy) or without git. Never fails a run."""
+    def git(*args) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == root.resolve() else None
+    status = git("status", "--porcelain") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def save_final(accelerator, model, tokenizer, final_dir: Path, mark=None) -> None:
