@@ -71,7 +71,7 @@ class RunResult:
 # DDP all-reduces gradients in buckets (25 MB by default), and under torch.compile dynamo splits the compiled
 # graph at every bucket boundary so that each bucket's all-reduce starts while the backward goes on: ~15
 # graphs for GPT-2 124M in every micro-batch, `no_sync` or not, each boundary a lost fusion and more launches.
-# 100 MB buckets make ~5; gradients kept as views into them skip a copy. Two H100s, one call (README):
+# 100 MB buckets make ~5; gradients kept as views into them skip a copy. Two H100s, measured together (README):
 # x one GPU 1.90 -> 1.93 at 8 micro-batches a step, 1.82 -> 1.85 at one.
 DDP_BUCKETS = DistributedDataParallelKwargs(bucket_cap_mb=100, gradient_as_bucket_view=True)
 
@@ -441,7 +441,7 @@ def detach_training_logits(model) -> None:
 
     Nothing reads them, but under torch.compile a graph output that requires grad and receives none gets
     a gradient of zeros in backward all the same: (tokens x 50k) zeros written and added to the loss's
-    gradient, 2 ms of a 71 ms H100 step (issue 11's profile). Detached inside the compiled graph (a
+    gradient, 2 ms of a 71 ms H100 step (torch.profiler). Detached inside the compiled graph (a
     forward hook is part of it), the output needs no gradient at all.
     """
     def hook(module, args, kwargs, output):
