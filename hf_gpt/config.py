@@ -239,7 +239,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "crop": ("", "random", "start"),
     "data_encoding_errors": ("strict", "replace", "ignore"),
     "overlong": ("truncate", "drop"),
+    "stopping_strategy": ("all_exhausted", "first_exhausted", "all_exhausted_without_replacement"),
 }
+
+
+def dataset_names(dataset: str) -> list[str]:
+    """The sources a pretraining `dataset` names: one, or several separated by commas, mixed by dataset_weights."""
+    return [name.strip() for name in dataset.split(",") if name.strip()]
 
 
 def check_choice(name: str, value) -> None:
@@ -265,6 +271,12 @@ def check(cfg) -> None:
     attention = getattr(cfg, "attn_implementation", "sdpa")
     if attention in ("flex_attention", "varlen") and getattr(cfg, "dropout", 0):
         raise UserError(f"{attention} has no attention dropout: set --dropout 0 or --attn_implementation sdpa")
+    weights = getattr(cfg, "dataset_weights", [])
+    if weights and len(weights) != len(dataset_names(cfg.dataset)):
+        raise UserError(f"dataset_weights gives {len(weights)} weight(s) for the {len(dataset_names(cfg.dataset))} "
+                        f"source(s) of dataset {cfg.dataset!r}: one per source, in order")
+    if any(not w > 0 for w in weights):
+        raise UserError(f"dataset_weights must all be above 0, not {weights}: leave a source out of dataset instead")
     if isinstance(cfg, TrainConfig) and cfg.warmup_steps and cfg.warmup_ratio:
         raise UserError(f"set warmup_steps ({cfg.warmup_steps}) or warmup_ratio ({cfg.warmup_ratio}), not both "
                         "(--warmup_ratio 0 undoes a recipe's share)")
@@ -321,7 +333,16 @@ class PretrainConfig(TrainConfig):
 
     output_dir: str = "runs/stdlib-tiny"
     # Data.
-    dataset: str = field(default="stdlib", metadata={"help": "Hub id, local file/folder (txt, md, jsonl, parquet) or 'stdlib'."})
+    dataset: str = field(default="stdlib", metadata={
+        "help": "Hub id, local file/folder (txt, md, jsonl, parquet) or 'stdlib'; several, separated by commas, are "
+                "mixed document by document (dataset_weights)."})
+    dataset_weights: list[float] = field(default_factory=list, metadata={
+        "help": "A mixture's weight of each source of dataset, in order: the share of its documents (normalised; "
+                "empty: equal shares)."})
+    stopping_strategy: str = field(default="all_exhausted", metadata={
+        "help": "When a mixture's epoch ends (datasets.interleave_datasets): all_exhausted (once every source was "
+                "read whole, the others started again meanwhile) | first_exhausted (when one source runs out) | "
+                "all_exhausted_without_replacement (every document once; the shares drift as sources run out)."})
     dataset_config: str = ""
     dataset_split: str = "train"
     text_column: str = "text"

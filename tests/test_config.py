@@ -206,5 +206,6 @@ def test_a_field_whose_help_lists_its_values_is_enumerated():
 
     from hf_gpt.config import CHOICES
 
-    listed = {f.name for cls in recipe_classes() for f in dataclasses.fields(cls) if " | " in f.metadata.get("help", "")}
+    listed = {f.name for cls in recipe_classes() for f in dataclasses.fields(cls)
+              if " | " in f.metadata.get("help", "")}
     assert listed and listed <= set(CHOICES)
