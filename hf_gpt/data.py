@@ -158,9 +158,14 @@ class Mixture:
 
     describe_error = DocumentSource.describe_error
 
-    def mix(self, streams: list[IterableDataset], validation: bool = False) -> IterableDataset:
+    def mix(self, streams: list[IterableDataset], validation: bool = False, process_index: int = 0,
+            num_processes: int = 1) -> IterableDataset:
+        """The sources' streams (each whole, not split between processes) as one, and this process's share of it:
+        every process draws the same sequence and keeps its own part (whole shards where their count divides, else
+        every n-th document), so that together they read what one process would."""
         strategy = "all_exhausted_without_replacement" if validation else self.stopping_strategy
-        return interleave_datasets(streams, probabilities=self.weights, seed=self.seed, stopping_strategy=strategy)
+        ds = interleave_datasets(streams, probabilities=self.weights, seed=self.seed, stopping_strategy=strategy)
+        return split_dataset_by_node(ds, rank=process_index, world_size=num_processes) if num_processes > 1 else ds
 
 
 def in_holdout(text: str, fraction: float) -> bool:
@@ -407,11 +412,13 @@ class PretrainData:
 
     def _documents(self, validation: bool, process_index: int = 0, num_processes: int = 1):
         shuffle = self.cfg.shuffle_rows > 0 and not validation
+        # A mixture is split between processes once mixed (datasets splits an interleaved stream as a whole).
+        split_here = (1, 0) if self.mixture else (num_processes, process_index)
         streams = [tokenized_documents(source, self.tokenizer, holdout=holdout, validation=validation,
-                                       split=split if validation and split else None, process_index=process_index,
-                                       num_processes=num_processes, shuffle_seed=self.cfg.seed if shuffle else None)
+                                       split=split if validation and split else None, num_processes=split_here[0],
+                                       process_index=split_here[1], shuffle_seed=self.cfg.seed if shuffle else None)
                    for source, split, holdout in zip(self.sources, self.eval_splits, self.holdouts)]
-        return self.mixture.mix(streams, validation) if self.mixture else streams[0]
+        return self.mixture.mix(streams, validation, process_index, num_processes) if self.mixture else streams[0]
 
     def train_batches(self, process_index: int, num_processes: int):
         cfg = self.cfg

@@ -350,3 +350,13 @@ def test_a_mixture_is_refused_in_one_line_before_any_work(tmp_path, tokenizer_di
     recipe.write_text("dataset: data/english, data/code\ndataset_weights: [0.7, 0.3]\n")
     cfg = load_config(PretrainConfig, ["--config", str(recipe)])
     assert (cfg.dataset, cfg.dataset_weights) == ("data/english, data/code", [0.7, 0.3])
+
+
+def test_processes_read_disjoint_documents_of_a_mixture(tmp_path, tokenizer_dir):
+    """Every document once (all_exhausted repeats the sources that run out first, by design), split between two
+    processes: each reads its own, and together they read them all."""
+    data = mixed(two_sources(tmp_path), tokenizer_dir, dataset_weights=[0.5, 0.5],
+                 stopping_strategy="all_exhausted_without_replacement")
+    reads = [{source_of(data.tokenizer, d["input_ids"]) for d in data._documents(False, rank, 2)} for rank in (0, 1)]
+    everything = {source_of(data.tokenizer, d["input_ids"]) for d in data._documents(False)}
+    assert reads[0] and reads[1] and not reads[0] & reads[1] and reads[0] | reads[1] == everything
