@@ -412,11 +412,12 @@ class PretrainData:
 
     def _documents(self, validation: bool, process_index: int = 0, num_processes: int = 1):
         shuffle = self.cfg.shuffle_rows > 0 and not validation
-        # A mixture is split between processes once mixed (datasets splits an interleaved stream as a whole).
-        split_here = (1, 0) if self.mixture else (num_processes, process_index)
+        own = self.mixture is None  # a mixture is split between processes once mixed (Mixture.mix)
         streams = [tokenized_documents(source, self.tokenizer, holdout=holdout, validation=validation,
-                                       split=split if validation and split else None, num_processes=split_here[0],
-                                       process_index=split_here[1], shuffle_seed=self.cfg.seed if shuffle else None)
+                                       split=split if validation and split else None,
+                                       process_index=process_index if own else 0,
+                                       num_processes=num_processes if own else 1,
+                                       shuffle_seed=self.cfg.seed if shuffle else None)
                    for source, split, holdout in zip(self.sources, self.eval_splits, self.holdouts)]
         return self.mixture.mix(streams, validation, process_index, num_processes) if self.mixture else streams[0]
 
