@@ -35,7 +35,7 @@ class Benchmark:
 
 BENCHMARKS = {
     # HellaSwag's second form, `ctx` without `ctx_a`/`ctx_b`, is that of copies that kept only the
-    # joined context, such as ../shared/data/eval/hellaswag_val.jsonl.xz (see hellaswag_item).
+    # joined context, such as the hellaswag_val.jsonl.xz of docs/results/english/README.md (see hellaswag_item).
     "hellaswag": Benchmark("HellaSwag", "Rowan/hellaswag", None, "validation",
                            (("activity_label", "ctx_a", "ctx_b", "endings", "label"),
                             ("activity_label", "ctx", "endings", "label")), "--hellaswag"),

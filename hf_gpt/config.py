@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import yaml
+from accelerate.utils import LoggerType
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
@@ -226,8 +227,31 @@ FRACTIONS = {"val_fraction", "test_fraction", "warmup_ratio", "min_lr_ratio", "d
              "lora_dropout", "adam_beta1", "adam_beta2"}
 
 
-ATTENTION = ("sdpa", "eager", "flex_attention", "varlen")
-VARLEN_KERNELS = ("auto", "torch", "fa4")
+# Fields that take one of a fixed set of values, by name (a name means one thing in every config that has it):
+# check() refuses any other value before any work, naming the field and these. '' is "not set" where allowed.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "lr_scheduler": ("cosine", "wsd", "constant", "linear"),
+    "mixed_precision": ("", "no", "bf16", "fp16"),
+    "compile_mode": ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "attn_implementation": ("sdpa", "eager", "flex_attention", "varlen"),
+    "varlen_kernel": ("auto", "torch", "fa4"),
+    "report_to": ("", *(t.value for t in LoggerType)),
+    "crop": ("", "random", "start"),
+    "data_encoding_errors": ("strict", "replace", "ignore"),
+    "overlong": ("truncate", "drop"),
+    "stopping_strategy": ("all_exhausted", "first_exhausted", "all_exhausted_without_replacement"),
+}
+
+
+def dataset_names(dataset: str) -> list[str]:
+    """The sources a pretraining `dataset` names: one, or several separated by commas, mixed by dataset_weights."""
+    return [name.strip() for name in dataset.split(",") if name.strip()]
+
+
+def check_choice(name: str, value) -> None:
+    if value not in CHOICES[name]:
+        allowed = ", ".join(c or "''" for c in CHOICES[name])
+        raise UserError(f"{name} must be one of {allowed}, not {value!r}")
 
 
 def check(cfg) -> None:
@@ -241,13 +265,18 @@ def check(cfg) -> None:
             raise UserError(f"{name} must be {'1 or more' if low else '0 or more'}, not {value}")
         if name in FRACTIONS and value > 1:
             raise UserError(f"{name} must be between 0 and 1, not {value}")
+    for name in CHOICES:
+        if name in field_names(type(cfg)):
+            check_choice(name, getattr(cfg, name))
     attention = getattr(cfg, "attn_implementation", "sdpa")
-    if attention not in ATTENTION:
-        raise UserError(f"attn_implementation must be one of {', '.join(ATTENTION)}, not {attention!r}")
-    if getattr(cfg, "varlen_kernel", "auto") not in VARLEN_KERNELS:
-        raise UserError(f"varlen_kernel must be one of {', '.join(VARLEN_KERNELS)}, not {cfg.varlen_kernel!r}")
     if attention in ("flex_attention", "varlen") and getattr(cfg, "dropout", 0):
         raise UserError(f"{attention} has no attention dropout: set --dropout 0 or --attn_implementation sdpa")
+    weights = getattr(cfg, "dataset_weights", [])
+    if weights and len(weights) != len(dataset_names(cfg.dataset)):
+        raise UserError(f"dataset_weights gives {len(weights)} weight(s) for the {len(dataset_names(cfg.dataset))} "
+                        f"source(s) of dataset {cfg.dataset!r}: one per source, in order")
+    if any(not w > 0 for w in weights):
+        raise UserError(f"dataset_weights must all be above 0, not {weights}: leave a source out of dataset instead")
     if isinstance(cfg, TrainConfig) and cfg.warmup_steps and cfg.warmup_ratio:
         raise UserError(f"set warmup_steps ({cfg.warmup_steps}) or warmup_ratio ({cfg.warmup_ratio}), not both "
                         "(--warmup_ratio 0 undoes a recipe's share)")
@@ -304,7 +333,16 @@ class PretrainConfig(TrainConfig):
 
     output_dir: str = "runs/stdlib-tiny"
     # Data.
-    dataset: str = field(default="stdlib", metadata={"help": "Hub id, local file/folder (txt, md, jsonl, parquet) or 'stdlib'."})
+    dataset: str = field(default="stdlib", metadata={
+        "help": "Hub id, local file/folder (txt, md, jsonl, parquet) or 'stdlib'; several, separated by commas, are "
+                "mixed document by document (dataset_weights)."})
+    dataset_weights: list[float] = field(default_factory=list, metadata={
+        "help": "A mixture's weight of each source of dataset, in order: the share of its documents (normalised; "
+                "empty: equal shares)."})
+    stopping_strategy: str = field(default="all_exhausted", metadata={
+        "help": "When a mixture's epoch ends (datasets.interleave_datasets): all_exhausted (once every source was "
+                "read whole, the others started again meanwhile) | first_exhausted (when one source runs out) | "
+                "all_exhausted_without_replacement (every document once; the shares drift as sources run out)."})
     dataset_config: str = ""
     dataset_split: str = "train"
     text_column: str = "text"

@@ -23,15 +23,14 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from datasets import IterableDataset, load_dataset
+from datasets import IterableDataset, interleave_datasets, load_dataset
 from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 from datasets.distributed import split_dataset_by_node
 
-from .config import UserError, could_not_load
+from .config import UserError, check_choice, could_not_load, dataset_names
 from .files import atomic_folder
 
 STDLIB = "stdlib"
-CROPS = ("", "random", "start")
 LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -140,6 +139,35 @@ class DocumentSource:
         return UserError(f"dataset {self.name}: {type(error).__name__}: {error}")
 
 
+class Mixture:
+    """Several sources read as one stream (`dataset: a, b` with `dataset_weights`): each next document comes from
+    source i with probability weights[i], by datasets.interleave_datasets, seeded, so that every run draws alike and
+    its state_dict() resumes the draw exactly. Each source keeps its own hold-out (its validation split, or its
+    documents held out by hash), and the validation set is every source's validation documents once, mixed by
+    the same weights, so that a run's first eval_batches measure the mixture it trains on."""
+
+    def __init__(self, sources: list[DocumentSource], weights: list[float], *, seed: int, stopping_strategy: str):
+        weights = weights or [1.0] * len(sources)
+        self.sources, self.weights = sources, [w / sum(weights) for w in weights]
+        self.seed, self.stopping_strategy = seed, stopping_strategy
+        self.name = ", ".join(s.name for s in sources)
+
+    @property
+    def files(self) -> list[str]:
+        return [f for s in self.sources for f in s.files]
+
+    describe_error = DocumentSource.describe_error
+
+    def mix(self, streams: list[IterableDataset], validation: bool = False, process_index: int = 0,
+            num_processes: int = 1) -> IterableDataset:
+        """The sources' streams (each whole, not split between processes) as one, and this process's share of it:
+        every process draws the same sequence and keeps its own part (whole shards where their count divides, else
+        every n-th document), so that together they read what one process would."""
+        strategy = "all_exhausted_without_replacement" if validation else self.stopping_strategy
+        ds = interleave_datasets(streams, probabilities=self.weights, seed=self.seed, stopping_strategy=strategy)
+        return split_dataset_by_node(ds, rank=process_index, world_size=num_processes) if num_processes > 1 else ds
+
+
 def in_holdout(text: str, fraction: float) -> bool:
     """Deterministic document-level split: the same document is held out in every run and on every process."""
     h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "little")
@@ -205,8 +233,7 @@ class PackedBatches:
     def __init__(self, documents: IterableDataset, *, block_size: int, micro_batch_size: int, crop: str = "",
                  document_masking: bool = True, shuffle_rows: int = 0, seed: int = 0,
                  error_context: DocumentSource | None = None, one_pass: bool = False, no_loss: int | None = None):
-        if crop not in CROPS:
-            raise UserError(f"crop must be one of {', '.join(map(repr, CROPS))}, not {crop!r}")
+        check_choice("crop", crop)
         self.documents, self.block_size, self.micro_batch_size = documents, block_size, micro_batch_size
         self.crop, self.document_masking, self.source = crop, document_masking, error_context
         self.one_pass, self.no_loss = one_pass, no_loss
@@ -367,19 +394,32 @@ class PretrainData:
         # Token shards are tokenized already: the tokenizer they were made with is the one that reads them.
         self.tokenizer_name = (str(self.shards.folder / "tokenizer") if self.shards and cfg.tokenizer == "train"
                                else cfg.tokenizer)
-        self.source = None if self.shards else DocumentSource(
-            cfg.dataset, config=cfg.dataset_config, split=cfg.dataset_split, text_column=cfg.text_column,
-            encoding_errors=cfg.data_encoding_errors, seed=cfg.seed)
-        # Validation: the named split; else a local folder's own validation files; else documents held out by hash.
-        self.eval_split = cfg.eval_split or ("validation" if self.source and self.source.has_split("validation") else "")
-        self.holdout = 0.0 if self.eval_split else cfg.val_fraction
+        names = dataset_names(cfg.dataset)
+        if len(names) > 1 and any(TokenShards.is_shard_folder(n) for n in names):
+            raise UserError(f"dataset {cfg.dataset}: token shards cannot be mixed; mix the sources' documents instead "
+                            "(name them in dataset)")
+        self.sources = [] if self.shards else [DocumentSource(
+            name, config=cfg.dataset_config, split=cfg.dataset_split, text_column=cfg.text_column,
+            encoding_errors=cfg.data_encoding_errors, seed=cfg.seed) for name in names]
+        self.mixture = Mixture(self.sources, cfg.dataset_weights, seed=cfg.seed,
+                               stopping_strategy=cfg.stopping_strategy) if len(self.sources) > 1 else None
+        self.source = self.mixture or (self.sources[0] if self.sources else None)  # what errors name
+        # Validation, per source: the named split; else a local folder's own validation files; else documents
+        # held out by hash.
+        self.eval_splits = [cfg.eval_split or ("validation" if s.has_split("validation") else "") for s in self.sources]
+        self.holdouts = [0.0 if split else cfg.val_fraction for split in self.eval_splits]
+        self.eval_split, self.holdout = (self.eval_splits[0], self.holdouts[0]) if self.sources else ("", 0.0)
 
     def _documents(self, validation: bool, process_index: int = 0, num_processes: int = 1):
-        split = self.eval_split if validation and self.eval_split else None
         shuffle = self.cfg.shuffle_rows > 0 and not validation
-        return tokenized_documents(self.source, self.tokenizer, holdout=self.holdout, validation=validation,
-                                   split=split, process_index=process_index, num_processes=num_processes,
-                                   shuffle_seed=self.cfg.seed if shuffle else None)
+        own = self.mixture is None  # a mixture is split between processes once mixed (Mixture.mix)
+        streams = [tokenized_documents(source, self.tokenizer, holdout=holdout, validation=validation,
+                                       split=split if validation and split else None,
+                                       process_index=process_index if own else 0,
+                                       num_processes=num_processes if own else 1,
+                                       shuffle_seed=self.cfg.seed if shuffle else None)
+                   for source, split, holdout in zip(self.sources, self.eval_splits, self.holdouts)]
+        return self.mixture.mix(streams, validation, process_index, num_processes) if self.mixture else streams[0]
 
     def train_batches(self, process_index: int, num_processes: int):
         cfg = self.cfg
@@ -419,6 +459,9 @@ class PretrainData:
         return share
 
     def _empty_validation(self) -> str:
+        if self.mixture:
+            return (f"dataset {self.cfg.dataset}: none of its sources has a document for validation; raise "
+                    "--val_fraction or give the sources validation splits")
         if self.shards:
             return f"token shards {self.cfg.dataset}: the validation shards hold no tokens; remake them with a larger --val_fraction"
         if self.eval_split:
@@ -436,10 +479,15 @@ class PretrainData:
                 "validation split with --eval_split")
 
     def texts(self):
-        """Training documents as text, for training the tokenizer (never the held-out ones)."""
-        ds = self.source.load()
-        column, frac = self.cfg.text_column, self.holdout
-        return (ex[column] for ex in ds if ex[column].strip() and not (frac > 0 and in_holdout(ex[column], frac)))
+        """Training documents as text, for training the tokenizer (never the held-out ones); a mixture's by weight."""
+        column = self.cfg.text_column
+
+        def kept(source, frac):
+            ds = source.load().select_columns([column]) if self.mixture else source.load()
+            return ds.filter(lambda ex: bool(ex[column].strip()) and not (frac > 0 and in_holdout(ex[column], frac)))
+
+        streams = [kept(source, frac) for source, frac in zip(self.sources, self.holdouts)]
+        return (ex[column] for ex in (self.mixture.mix(streams) if self.mixture else streams[0]))
 
 
 class TokenShards:

@@ -28,6 +28,7 @@ import pickle
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,7 +71,7 @@ class RunResult:
 # DDP all-reduces gradients in buckets (25 MB by default), and under torch.compile dynamo splits the compiled
 # graph at every bucket boundary so that each bucket's all-reduce starts while the backward goes on: ~15
 # graphs for GPT-2 124M in every micro-batch, `no_sync` or not, each boundary a lost fusion and more launches.
-# 100 MB buckets make ~5; gradients kept as views into them skip a copy. Two H100s, one call (README):
+# 100 MB buckets make ~5; gradients kept as views into them skip a copy. Two H100s, measured together (README):
 # x one GPU 1.90 -> 1.93 at 8 micro-batches a step, 1.82 -> 1.85 at one.
 DDP_BUCKETS = DistributedDataParallelKwargs(bucket_cap_mb=100, gradient_as_bucket_view=True)
 
@@ -353,7 +354,26 @@ def run_summary(cfg, accelerator, result: dict, info: dict) -> dict:
     else:
         hardware = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {**info, **result, "hardware": hardware, "num_processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision, "versions": versions}
+            "mixed_precision": accelerator.mixed_precision, "versions": versions, **code_version()}
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_version(root: Path = REPO_ROOT) -> dict:
+    """The commit of the code that ran and whether its checkout had changes (tracked or new files) besides it:
+    None for both outside a git checkout of it (an installed copy) or without git. Never fails a run."""
+    def git(*args) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == root.resolve() else None
+    status = git("status", "--porcelain") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def save_final(accelerator, model, tokenizer, final_dir: Path, mark=None) -> None:
@@ -421,7 +441,7 @@ def detach_training_logits(model) -> None:
 
     Nothing reads them, but under torch.compile a graph output that requires grad and receives none gets
     a gradient of zeros in backward all the same: (tokens x 50k) zeros written and added to the loss's
-    gradient, 2 ms of a 71 ms H100 step (issue 11's profile). Detached inside the compiled graph (a
+    gradient, 2 ms of a 71 ms H100 step (torch.profiler). Detached inside the compiled graph (a
     forward hook is part of it), the output needs no gradient at all.
     """
     def hook(module, args, kwargs, output):

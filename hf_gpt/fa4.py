@@ -2,7 +2,7 @@
 
 `attn_implementation: varlen` runs PyTorch's variable-length kernel (FlashAttention-2) where FA4 cannot. On
 an H100, FA4's kernels take GPT-2 124M with document masking from 0.94 of the hand-written reference's speed
-to 1.01 (with model.QKVAttention; README, issue 11), with the same error against float32. flash-attn-4 ships
+to 1.01 (with model.QKVAttention; README), with the same error against float32. flash-attn-4 ships
 its kernels as an autograd Function that torch.compile cannot trace, so its forward and backward are wrapped
 here as custom ops, each with a shape-only fake: a compiled model then holds them as two opaque kernels, one
 graph for every number of documents. `pip install flash-attn-4` (4.0.0b36 tested) and `--varlen_kernel fa4` (or `auto`).
@@ -70,7 +70,7 @@ def varlen_backward(grad: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seq_
     _, backward = kernels()
     # q, k and v's gradients written side by side into one buffer of qkv's layout, which the qkv projection's
     # backward takes as it is: three separate gradients would be concatenated into it, a copy of the whole
-    # projection's size in every layer (1.2 ms of a 68 ms H100 step, issue 11's profile).
+    # projection's size in every layer (1.2 ms of a 68 ms H100 step, torch.profiler).
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dq, dk, dv = dqkv.unbind(1)
     backward(*qkv.unbind(1), out, grad.contiguous(), lse, scale, True, cu_seqlens_q=cu_seq_lens,

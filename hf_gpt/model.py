@@ -26,7 +26,7 @@ from .config import UserError
 # - `document_mask`: a flex-attention BlockMask, whose kernel skips fully masked blocks;
 # - neither: sdpa, given `is_causal=True` whenever there is no padding. transformers itself builds a
 #   dense (batch, 1, T, T) mask under torch.compile, and from position ids that look packed, and sdpa
-#   then runs kernels that skip no causal tiles: 2.3x the attention time on an H100 (issue 11's profiles).
+#   then runs kernels that skip no causal tiles: 2.3x the attention time on an H100 (torch.profiler).
 PACKED = "hf_gpt_packed"
 NO_ATTENTION_DROPOUT = "varlen and flex attention have no attention dropout: set dropout 0 or use sdpa"
 
@@ -186,7 +186,7 @@ class Linear(nn.Linear):
 
     cuBLAS multiplies faster with the weight laid out so: a profiled H100 step spent 34.0 ms in GPT-2's matmuls
     and 33.1 in those of a hand-written GPT-2 of the same shapes with nn.Linear, and training this way runs
-    0.2-1.3% faster (issue 11, README). State dicts keep Conv1D's layout, so checkpoints and saved models are
+    0.2-1.3% faster (README). State dicts keep Conv1D's layout, so checkpoints and saved models are
     plain GPT-2's.
     """
 
@@ -282,7 +282,7 @@ def causal_lm_loss(model, inputs: dict, num_items_in_batch, fused: bool) -> torc
     through the (possibly DDP-wrapped) model, so gradient synchronisation is unchanged.
     """
     # use_cache=False: GPT-2 otherwise fills a KV cache in training too, copying every layer's keys and
-    # values (and zero-filling their gradients) for nothing: 6% of an H100 step (issue 11's profile).
+    # values (and zero-filling their gradients) for nothing: 6% of an H100 step (torch.profiler).
     if not fused:
         return model(**inputs, num_items_in_batch=num_items_in_batch, use_cache=False).loss
     labels = inputs["labels"]

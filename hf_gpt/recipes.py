@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from accelerate import PartialState
 
-from .config import PretrainConfig, Stopped, UserError
+from .config import PretrainConfig, Stopped, UserError, dataset_names
 from .data import PretrainData
 from .engine import RunResult, start_run, train
 from .hub import check_names, hub_login, mark_personal, push_folder
@@ -37,7 +37,7 @@ def run_pretrain(cfg: PretrainConfig) -> RunResult | None:
     model = build_model(cfg, len(data.tokenizer), data.tokenizer.eos_token_id)
     accelerator.print(f"model: {model.num_parameters():,} parameters")
     result = train(cfg, model, data.tokenizer, data, accelerator,
-                   info={"recipe": "pretrain", "base_model": None, "datasets": [cfg.dataset]})
+                   info={"recipe": "pretrain", "base_model": None, "datasets": dataset_names(cfg.dataset)})
     if result.stopped_early:
         raise Stopped(result.stop_signal)
     if not accelerator.is_main_process:

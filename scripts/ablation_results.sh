@@ -3,7 +3,7 @@
 # corpus, three seeds of it, each intervention of configs/ablations/article.yaml alone, then the stack of those
 # that helped beyond the seeds' noise; one run per GPU, four at a time on a machine with four.
 #
-#   cp -r ../shared/data/english ../shared/data/gpt2-tokenizer data/
+#   data/english and data/gpt2-tokenizer laid out as docs/results/english/README.md (The data) says, then
 #   timeout -s TERM 570 bash scripts/ablation_results.sh     # again until it prints "done"
 #
 # 25,165,824 tokens per run (24 x 2^20, a multiple of 6, 96 and 512 sequences of 1,024, so every run trains

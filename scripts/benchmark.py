@@ -42,7 +42,7 @@ class BenchmarkConfig(PretrainConfig):
     benchmark: str = field(default="train", metadata={
         "help": "train (GPU step) | loader (data pipeline only) | reference (the hand-written GPT-2 alone)"})
     reference_tokens_per_s: float = field(default=0.0, metadata={
-        "help": "The reference's figure from an earlier measurement in the same call; 0: measure it here."})
+        "help": "The reference's figure from an earlier measurement on the same machine; 0: measure it here."})
     profile_steps: int = field(default=0, metadata={
         "help": "Profile this many steps after timing (the reference: 3); kernels by time into output_dir."})
     benchmark_steps: int = 10

@@ -4,9 +4,8 @@
 # corpus, the same token budget) trained side by side, one GPU each; then the benchmark of the same
 # settings, SFT and LoRA of the corrected base, and both bases through scripts/compare.py.
 #
-#   cp -r ../shared/data/english ../shared/data/gpt2-tokenizer ../shared/data/instruction-data.json data/
-#   mkdir -p data/eval data/verdict && cp ../shared/data/eval/{hellaswag_val.jsonl.xz,lambada_test.jsonl,wiki.test.raw} data/eval/
-#   cp ../shared/data/the-verdict.txt data/verdict/
+#   data/ laid out as docs/results/english/README.md (The data) says: english/, gpt2-tokenizer/,
+#   instruction-data.json, eval/{hellaswag_val.jsonl.xz,lambada_test.jsonl,wiki.test.raw}, verdict/the-verdict.txt; then
 #   bash scripts/english_results.sh runs/english-results
 set -u
 R=${1:-runs/english-results}

@@ -1,7 +1,7 @@
 """A hand-written GPT-2 and its training step, nanoGPT-style: the yardstick for scripts/benchmark.py.
 
 Not part of the product: it exists so that every throughput figure is a ratio against what a short,
-plain PyTorch program gets on the same GPU, in the same call. Same shapes as GPT-2 124M (tied
+plain PyTorch program gets on the same GPU, measured back to back. Same shapes as GPT-2 124M (tied
 embeddings, GELU-tanh, pre-LayerNorm), cuDNN/flash attention through sdpa with `is_causal=True` (no
 document masking: the plain causal triangle), bf16 autocast, torch.compile, fused AdamW with weight
 decay on matrices only, gradient clipping at 1.0.

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from tqdm.auto import tqdm
 
@@ -166,3 +168,44 @@ def test_old_script_flags_are_refused_with_the_new_one():
                         (["scripts/prepare_data.py", "--out", "x"], "error: --out is now called --output_dir")]:
         result = run_script(*args, check=False)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == error
+
+
+def test_every_enumerated_field_refuses_another_value_in_one_line(tmp_path, capsys):
+    """Each field of CHOICES, in every recipe's config that has it, takes each of its values and refuses any
+    other, given on the command line or in a YAML recipe, with one line naming the field, the value and the
+    values allowed; run_cli makes that `error: ...` and exit status 2, before anything is built."""
+    import dataclasses
+
+    from hf_gpt.config import CHOICES
+
+    walked = set()
+    for cls in recipe_classes():
+        for name in [f.name for f in dataclasses.fields(cls) if f.name in CHOICES]:
+            walked.add(name)
+            for value in CHOICES[name]:
+                assert getattr(load_config(cls, [f"--{name}", value]), name) == value
+            allowed = ", ".join(c or "''" for c in CHOICES[name])
+            message = f"^{name} must be one of {re.escape(allowed)}, not 'bogus'$"
+            with pytest.raises(UserError, match=message):
+                load_config(cls, [f"--{name}", "bogus"])
+            recipe = tmp_path / "r.yaml"
+            recipe.write_text(f"{name}: bogus\n")
+            with pytest.raises(UserError, match=message):
+                load_config(cls, ["--config", str(recipe)])
+    assert walked == set(CHOICES)  # no entry names a field no recipe has
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: load_config(PretrainConfig, ["--mixed_precision", "fp8x"]))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: mixed_precision must be one of '', no, bf16, fp16, not 'fp8x'"
+
+
+def test_a_field_whose_help_lists_its_values_is_enumerated():
+    """A help text that lists a field's values ("cosine | wsd | ...") promises a fixed set: check() must hold it."""
+    import dataclasses
+
+    from hf_gpt.config import CHOICES
+
+    listed = {f.name for cls in recipe_classes() for f in dataclasses.fields(cls)
+              if " | " in f.metadata.get("help", "")}
+    assert listed and listed <= set(CHOICES)

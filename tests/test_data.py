@@ -1,4 +1,6 @@
 import io
+import itertools
+import json
 import re
 
 import numpy as np
@@ -276,3 +278,85 @@ def test_token_shards_are_read_as_a_new_permutation_of_blocks_every_epoch():
     second = make(shuffle=True, seed=3)
     second.load_state_dict(saved_and_loaded(first.state_dict()))
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(straight[45:], take(second, 15)))
+
+
+def two_sources(tmp_path, sizes=(60, 60)) -> list:
+    """Two local corpora of JSON Lines whose documents say which source and which document they are (`a 7 ...`,
+    `b 3 ...`): the first holds its last 6 documents in its own validation file, the second has its held out by
+    hash."""
+    def write(path, name, numbers):
+        path.write_text("".join(json.dumps({"text": f"{name} {i} " + "words of some length " * 5}) + "\n"
+                                for i in numbers))
+
+    a, b = tmp_path / "a", tmp_path / "b.jsonl"
+    a.mkdir()
+    write(a / "train.jsonl", "a", range(sizes[0] - 6))
+    write(a / "validation.jsonl", "a", range(sizes[0] - 6, sizes[0]))
+    write(b, "b", range(sizes[1]))
+    return [a, b]
+
+
+def mixed(sources, tokenizer_dir, **overrides) -> PretrainData:
+    return make_data(",".join(map(str, sources)), tokenizer_dir, val_fraction=0.2, **overrides)
+
+
+def source_of(tokenizer, ids) -> tuple[str, int]:
+    name, number = tokenizer.decode(ids[1:]).split()[:2]  # after the EOS that opens every document
+    return name, int(number)
+
+
+def test_a_mixture_draws_each_source_by_its_weight_and_validates_on_each(tmp_path, tokenizer_dir):
+    sources = two_sources(tmp_path, sizes=(200, 60))
+    data = mixed(sources, tokenizer_dir, dataset_weights=[3, 1], shuffle_rows=0)
+    documents = [source_of(data.tokenizer, d["input_ids"]) for d in itertools.islice(data._documents(False), 400)]
+    share = sum(name == "a" for name, _ in documents) / len(documents)
+    assert abs(share - 0.75) < 0.06, share
+    # all_exhausted: the smaller source starts again before the larger one is read whole
+    assert len([d for d in documents if d[0] == "b"]) > len({d for d in documents if d[0] == "b"})
+
+    held_b = {i for i in range(60) if in_holdout(f"b {i} " + "words of some length " * 5, 0.2)}
+    validation = [source_of(data.tokenizer, d["input_ids"]) for d in data._documents(True)]
+    assert sorted(validation) == sorted([("a", i) for i in range(194, 200)] + [("b", i) for i in held_b])
+    assert not {d for d in documents if d[0] == "b"} & {("b", i) for i in held_b}  # held out from training
+    assert len(data.eval_batches(0, 1)) >= 1
+
+    first = mixed(sources, tokenizer_dir, dataset_weights=[1, 3], stopping_strategy="first_exhausted")
+    documents = [source_of(data.tokenizer, d["input_ids"]) for d in first._documents(False)]
+    assert len({d for d in documents if d[0] == "b"}) == 60 - len(held_b)  # the epoch ends with b, read once
+    assert abs(sum(name == "b" for name, _ in documents) / len(documents) - 0.75) < 0.08
+
+
+def test_a_mixture_resumes_exactly(tmp_path, tokenizer_dir):
+    sources = two_sources(tmp_path)
+    make = lambda: mixed(sources, tokenizer_dir, dataset_weights=[0.7, 0.3], shuffle_rows=64)  # noqa: E731
+    straight = take(make().train_batches(0, 1), 40)  # several epochs of the smaller source
+    first = make().train_batches(0, 1)
+    take(first, 17)
+    state = saved_and_loaded(first.state_dict())
+    second = make().train_batches(0, 1)
+    second.load_state_dict(state)
+    for a, b in zip(straight[17:], take(second, 23)):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["position_ids"], b["position_ids"])
+
+
+def test_a_mixture_is_refused_in_one_line_before_any_work(tmp_path, tokenizer_dir):
+    from hf_gpt.config import load_config
+
+    with pytest.raises(UserError, match=r"dataset_weights gives 3 weight\(s\) for the 2 source\(s\)"):
+        load_config(PretrainConfig, ["--dataset", "a, b", "--dataset_weights", "1", "2", "3"])
+    with pytest.raises(UserError, match="dataset_weights must all be above 0"):
+        load_config(PretrainConfig, ["--dataset", "a,b", "--dataset_weights", "1", "0"])
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text("dataset: data/english, data/code\ndataset_weights: [0.7, 0.3]\n")
+    cfg = load_config(PretrainConfig, ["--config", str(recipe)])
+    assert (cfg.dataset, cfg.dataset_weights) == ("data/english, data/code", [0.7, 0.3])
+
+
+def test_processes_read_disjoint_documents_of_a_mixture(tmp_path, tokenizer_dir):
+    """Every document once (all_exhausted repeats the sources that run out first, by design), split between two
+    processes: each reads its own, and together they read them all."""
+    data = mixed(two_sources(tmp_path), tokenizer_dir, dataset_weights=[0.5, 0.5],
+                 stopping_strategy="all_exhausted_without_replacement")
+    reads = [{source_of(data.tokenizer, d["input_ids"]) for d in data._documents(False, rank, 2)} for rank in (0, 1)]
+    everything = {source_of(data.tokenizer, d["input_ids"]) for d in data._documents(False)}
+    assert reads[0] and reads[1] and not reads[0] & reads[1] and reads[0] | reads[1] == everything

@@ -627,3 +627,30 @@ def test_a_process_killed_stops_every_process_with_one_line_and_the_run_resumes_
     assert subprocess.run(["pgrep", "-f", str(run)], capture_output=True).returncode == 1  # no process left
     launch_two("scripts/pretrain.py", *args, "--output_dir", str(run), "--resume")
     assert losses(run) == losses(straight)
+
+
+def test_summary_records_the_commit_and_whether_the_tree_was_dirty(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_gpt.engine import REPO_ROOT, code_version, run_summary
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    assert code_version(tmp_path) == {"git_commit": None, "git_dirty": None}  # not a checkout
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "a")
+    head = git("rev-parse", "HEAD")
+    assert code_version(tmp_path) == {"git_commit": head, "git_dirty": False}
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == {"git_commit": head, "git_dirty": True}
+    (tmp_path / "inner").mkdir()  # a folder inside a checkout is not a checkout of its own
+    assert code_version(tmp_path / "inner") == {"git_commit": None, "git_dirty": None}
+
+    summary = run_summary(PretrainConfig(), SimpleNamespace(num_processes=1, mixed_precision="no"), {"steps": 1}, {})
+    assert {k: summary[k] for k in ("git_commit", "git_dirty")} == code_version(REPO_ROOT)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))  # no git at all: still a summary
+    assert code_version(tmp_path) == {"git_commit": None, "git_dirty": None}
