@@ -103,7 +103,8 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = field(default="", metadata={
         "help": "torch.compile mode: '' (default), max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs: "
-                "+0.4 percent at one micro-batch a step, failed with accumulation; torch 2.11, README), max-autotune."})
+                "+0.4 percent at one micro-batch a step, failed with accumulation; torch 2.11, "
+                "docs/results/throughput.md), max-autotune."})
     attn_implementation: str = field(default="sdpa", metadata={
         "help": "sdpa | eager | flex_attention | varlen (packed documents through a variable-length flash kernel; GPU)"})
     varlen_kernel: str = field(default="auto", metadata={

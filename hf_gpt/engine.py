@@ -71,8 +71,8 @@ class RunResult:
 # DDP all-reduces gradients in buckets (25 MB by default), and under torch.compile dynamo splits the compiled
 # graph at every bucket boundary so that each bucket's all-reduce starts while the backward goes on: ~15
 # graphs for GPT-2 124M in every micro-batch, `no_sync` or not, each boundary a lost fusion and more launches.
-# 100 MB buckets make ~5; gradients kept as views into them skip a copy. Two H100s, measured together (README):
-# x one GPU 1.90 -> 1.93 at 8 micro-batches a step, 1.82 -> 1.85 at one.
+# 100 MB buckets make ~5; gradients kept as views into them skip a copy. Two H100s, measured together
+# (docs/results/throughput.md): x one GPU 1.90 -> 1.93 at 8 micro-batches a step, 1.82 -> 1.85 at one.
 DDP_BUCKETS = DistributedDataParallelKwargs(bucket_cap_mb=100, gradient_as_bucket_view=True)
 
 

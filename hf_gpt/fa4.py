@@ -2,10 +2,10 @@
 
 `attn_implementation: varlen` runs PyTorch's variable-length kernel (FlashAttention-2) where FA4 cannot. On
 an H100, FA4's kernels take GPT-2 124M with document masking from 0.94 of the hand-written reference's speed
-to 1.01 (with model.QKVAttention; README), with the same error against float32. flash-attn-4 ships
-its kernels as an autograd Function that torch.compile cannot trace, so its forward and backward are wrapped
-here as custom ops, each with a shape-only fake: a compiled model then holds them as two opaque kernels, one
-graph for every number of documents. `pip install flash-attn-4` (4.0.0b36 tested) and `--varlen_kernel fa4` (or `auto`).
+to 1.01 (with model.QKVAttention; docs/results/throughput.md), with the same error against float32.
+flash-attn-4 ships its kernels as an autograd Function that torch.compile cannot trace, so its forward and
+backward are wrapped here as custom ops, each with a shape-only fake: a compiled model then holds them as two
+opaque kernels, one graph for every number of documents. `pip install flash-attn-4` (4.0.0b36 tested) and `--varlen_kernel fa4` (or `auto`).
 """
 
 from __future__ import annotations

@@ -186,8 +186,8 @@ class Linear(nn.Linear):
 
     cuBLAS multiplies faster with the weight laid out so: a profiled H100 step spent 34.0 ms in GPT-2's matmuls
     and 33.1 in those of a hand-written GPT-2 of the same shapes with nn.Linear, and training this way runs
-    0.2-1.3% faster (README). State dicts keep Conv1D's layout, so checkpoints and saved models are
-    plain GPT-2's.
+    0.2-1.3% faster (docs/results/throughput.md). State dicts keep Conv1D's layout, so checkpoints and saved
+    models are plain GPT-2's.
     """
 
     def __init__(self, conv: Conv1D):
