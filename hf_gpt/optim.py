@@ -3,6 +3,7 @@ hidden matrices with AdamW for the rest; and the learning-rate schedules."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -77,16 +78,27 @@ class MuonAdamW(torch.optim.AdamW):
     `found_inf` and the Muon groups honour it too (weights, momentum and decay untouched), with no host sync.
     """
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    @contextlib.contextmanager
+    def _adamw_groups(self):
+        """AdamW's own code sees its groups only: it reads an Adam state ("step") for every parameter it is given."""
         groups = self.param_groups
-        self.param_groups = [g for g in groups if not g["muon"]]  # AdamW's own step, over its groups only
+        self.param_groups = [g for g in groups if not g["muon"]]
         try:
-            loss = super().step(closure)
+            yield
         finally:
             self.param_groups = groups
+
+    def __setstate__(self, state):  # what load_state_dict calls
+        torch.optim.Optimizer.__setstate__(self, state)
+        with self._adamw_groups():
+            super().__setstate__({"state": self.state, "param_groups": self.param_groups})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        with self._adamw_groups():
+            loss = super().step(closure)
         found_inf = getattr(self, "found_inf", None)
-        for group in groups:
+        for group in self.param_groups:
             if group["muon"]:
                 self._muon_step(group, found_inf)
         return loss

@@ -251,3 +251,110 @@ def test_muon_is_refused_where_it_cannot_run():
         check_optimizer(cfg(optimizer="muon"), DistributedType.FSDP)
     check_optimizer(cfg(optimizer="adamw"), DistributedType.FSDP)
     check_optimizer(cfg(optimizer="muon"), DistributedType.MULTI_GPU)
+
+
+# Muon through the engine
+
+def muon_args(tiny_args):
+    return [*tiny_args, "--optimizer", "muon", "--muon_learning_rate", "0.05"]
+
+
+def test_muon_resumes_exactly_with_accumulation(tiny_args, tmp_path):
+    from test_engine import StopAt, rows_without_timing, train_in_process
+    from test_loop import final_weights
+
+    common = [*muon_args(tiny_args), "--max_steps", "8", "--log_every", "3", "--gradient_accumulation_steps", "2"]
+    train_in_process([*common, "--output_dir", str(tmp_path / "straight")])
+    stopped = tmp_path / "stopped"
+    # StopAt counts micro-batches: the 8th is step 4's last.
+    assert train_in_process([*common, "--output_dir", str(stopped)], lambda data: StopAt(data, 8)).steps == 4
+    assert train_in_process([*common, "--output_dir", str(stopped), "--resume"]).steps == 8
+    assert rows_without_timing(stopped) == rows_without_timing(tmp_path / "straight")
+    expected = final_weights(tmp_path / "straight")
+    for name, value in final_weights(stopped).items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_muon_on_two_processes_trains_like_one_with_twice_the_batch(tiny_args, tmp_path):
+    from test_engine import in_process_run, launch_two
+    from test_loop import final_weights
+
+    common = [*muon_args(tiny_args), "--max_steps", "2", "--warmup_steps", "0", "--micro_batch_size", "8"]
+    one = in_process_run([*common, "--output_dir", str(tmp_path / "one")])
+    # Each of the two processes takes 4 of the 8 rows the one process reads (tests/two_process_train.py).
+    launch_two("tests/two_process_train.py", *common, "--output_dir", str(tmp_path / "two"))
+    two = final_weights(tmp_path / "two")
+    initial = build_model_weights(tiny_args)
+    for name in one:
+        # Newton-Schulz runs in bf16: the all-reduce's rounding may move an entry by a bf16 step of the update.
+        torch.testing.assert_close(two[name] - initial[name], one[name] - initial[name], atol=2e-3, rtol=0.05)
+    assert any((one[n] - initial[n]).abs().max() > 0.01 for n in one)
+
+
+def build_model_weights(tiny_args) -> dict:
+    from hf_gpt.config import PretrainConfig, load_config
+    from hf_gpt.model import build_model
+    from accelerate.utils import set_seed
+
+    cfg = load_config(PretrainConfig, tiny_args)
+    set_seed(cfg.seed)  # as start_run does before the recipe builds the model
+    return build_model(cfg, 512, 0).state_dict()
+
+
+def test_muon_trains_under_bf16_autocast(tiny_args, tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import run_script
+    from test_engine import losses
+
+    run = tmp_path / "bf16"
+    run_script("scripts/pretrain.py", *muon_args(tiny_args), "--max_steps", "8", "--mixed_precision", "bf16",
+               "--output_dir", str(run))
+    loss = losses(run)
+    assert loss[8] < loss[1] - 0.2  # it trains
+    weights = load_file(run / "final" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+def test_muon_run_stops_at_a_non_finite_gradient_before_it_reaches_the_weights(tiny_args, tmp_path):
+    """On a CPU the guard zeroes a bad step's gradients (no fused AdamW): the weights stay finite and the run stops
+    at the next check with the line AdamW's runs give."""
+    from hf_gpt.config import PretrainConfig, UserError, load_config
+    from hf_gpt.data import PretrainData
+    from hf_gpt.engine import checkpoint_dirs, start_run, train
+    from hf_gpt.loading import load_tokenizer
+    from hf_gpt.model import build_model
+
+    run = tmp_path / "run"
+    cfg = load_config(PretrainConfig, [*muon_args(tiny_args), "--max_steps", "8", "--save_every", "2",
+                                       "--log_every", "5", "--output_dir", str(run)])
+    accelerator = start_run(cfg)
+    data = PretrainData(cfg, load_tokenizer(cfg.tokenizer))
+    model = build_model(cfg, len(data.tokenizer), data.tokenizer.eos_token_id)
+    name = "transformer.h.1.mlp.c_fc.weight"  # a Muon matrix
+    passes = 0
+
+    def poison(grad):  # one inf in this gradient at step 3
+        nonlocal passes
+        passes += 1
+        if passes == 3:
+            grad = grad.clone()
+            grad[0, 0] = math.inf
+        return grad
+
+    model.get_parameter(name).register_hook(poison)
+    with pytest.raises(UserError) as error:
+        train(cfg, model, data.tokenizer, data, accelerator)
+    assert " at step 3, gradient norm inf" in str(error.value)
+    assert f"first non-finite: the gradient of {name}" in str(error.value)
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_00000002"] and not (run / "final").exists()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lora_keeps_adamw():
+    from hf_gpt.config import UserError, load_config
+    from hf_gpt.lora import LoraRunConfig, check_config
+
+    cfg = load_config(LoraRunConfig, ["--model", "runs/sft/final", "--dataset", "writing", "--optimizer", "muon"])
+    with pytest.raises(UserError, match="LoRA trains with AdamW: optimizer muon is for a whole model's hidden"):
+        check_config(cfg)
