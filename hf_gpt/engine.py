@@ -556,7 +556,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     run = set_up(cfg, model, tokenizer, data, accelerator)
     out, main, total_steps = run.output_dir, accelerator.is_main_process, run.total_steps
     step, tokens = run.progress["step"], run.progress["tokens"]
-    if step == total_steps:
+    reached = run.progress.get("target", {})  # a run that ended at its stop_at_val_loss
+    if step == total_steps or (reached and reached["val_loss"] <= cfg.stop_at_val_loss):
         # The checkpoint at the last step is saved after final/ and summary.json: nothing is left to do.
         accelerator.print(f"{out} already finished at step {step}; nothing to train")
         return RunResult(out, out / final_name, step, tokens, run.metrics.last_eval(), False)
@@ -833,7 +834,7 @@ def finish(run: Run, progress: dict, started: float, stopped: int, final_name: s
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
         run.metrics.plot(out / "loss.png")
     if not stopped:
-        checkpoint(run, progress)
+        checkpoint(run, {**progress, "target": run.target} if run.target else progress)
     accelerator.end_training()
     return RunResult(out, out / final_name, step, tokens, run.last_eval, bool(stopped), stopped)
 

@@ -74,6 +74,11 @@ def test_a_run_stops_at_its_target_and_reports_the_time_to_it(tiny_args, tmp_pat
     assert [r["train_s"] for r in evals(run)] == sorted(r["train_s"] for r in evals(run))
     assert summary["first_step_time_s"] == reached["first_step_s"] and summary["train_time_s"] >= reached["train_s"]
 
+    # Resumed, it has reached its target: nothing to train; a lower target trains on.
+    args = [*common, "--output_dir", str(run), "--resume"]
+    assert train_in_process([*args, "--stop_at_val_loss", str(target["val_loss"])]).steps == 6
+    assert train_in_process([*args, "--stop_at_val_loss", "0.01"]).steps == 12
+
 
 def test_a_target_not_reached_is_null_and_the_run_goes_to_its_end(tiny_args, tmp_path):
     run = tmp_path / "run"
