@@ -9,6 +9,8 @@ import math
 import torch
 from accelerate import DistributedType
 from torch import nn
+# torch.optim.Muon's own pieces, used rather than copied: its step takes each parameter as one (out, in) matrix,
+# and GPT-2's are (in, out) under Conv1D, or three matrices in one (c_attn). See MuonAdamW.
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr, \
     _zeropower_via_newtonschulz
 from torch.optim.lr_scheduler import LambdaLR
