@@ -124,7 +124,7 @@ class MuonAdamW(torch.optim.AdamW):
                 if keep is None:
                     block.add_(ortho, alpha=-rate)  # in place through the view: torch.optim.Muon's own arithmetic
                 else:
-                    block.sub_(ortho * (rate * keep))
+                    block.sub_(ortho.float() * (rate * keep))  # float: a bf16 product would round the update
 
 
 def build_muon(model: nn.Module, cfg) -> MuonAdamW:

@@ -202,20 +202,23 @@ def test_split_qkv_orthogonalises_query_key_and_value_apart():
 
 def test_muon_skips_a_non_finite_step_whole_on_found_inf():
     """As a fused AdamW does (test_loop): the FiniteGuard sets found_inf, and neither the weights nor the state of
-    either part move; the next finite step updates."""
+    either part move; the next finite step updates as if the bad one had never been."""
     from hf_gpt.engine import FiniteGuard
 
-    model = tiny_gpt2()
-    optimizer = build_optimizer(model, cfg(optimizer="muon"))
-    optimizer.defaults["fused"] = True  # as on a GPU: the guard flags the step instead of zeroing gradients
-    for group in optimizer.param_groups:
-        group["fused"] = True
-    accelerator = SimpleNamespace(unwrap_model=lambda m: m, scaler=None, device=torch.device("cpu"))
-    guard = FiniteGuard(model, accelerator, optimizer)
-    assert guard.fused is optimizer
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, scaler=None, device=torch.device("cpu"))
 
-    def step(number, poison):
+    def flagged():  # as on a GPU, where AdamW is fused: the guard flags a bad step instead of zeroing gradients
+        model = tiny_gpt2()
+        optimizer = build_optimizer(model, cfg(optimizer="muon"))
+        optimizer.defaults["fused"] = True
+        for group in optimizer.param_groups:
+            group["fused"] = True
+        guard = FiniteGuard(model, accelerator, optimizer)
+        assert guard.fused is optimizer
+        return model, optimizer, guard
+
+    def step(model, optimizer, guard, number, poison=False):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if poison:
@@ -224,17 +227,30 @@ def test_muon_skips_a_non_finite_step_whole_on_found_inf():
         optimizer.step()
         optimizer.zero_grad()
 
-    step(1, poison=False)
+    model, optimizer, guard = flagged()
+    step(model, optimizer, guard, 1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
-    step(2, poison=True)
+    step(model, optimizer, guard, 2, poison=True)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
     for p, s in optimizer.state.items():
         assert all(torch.equal(v, state[id(p)][k]) for k, v in s.items())
     assert guard.failed[0].item() == 2
-    step(3, poison=False)
-    assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], model.transformer.h[0].mlp.c_fc.weight)
+    step(model, optimizer, guard, 3)
+    twin = flagged()  # two finite steps, none skipped
+    step(*twin, 1)
+    step(*twin, 2)
+    expected = twin[0].state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    # And a flag that stays 0 updates as Muon does without it, up to the rounding of Newton-Schulz's bf16.
+    plain = tiny_gpt2()
+    train_steps(plain, build_optimizer(plain, cfg(optimizer="muon")), steps=1)
+    once = flagged()
+    step(*once, 1)
+    for name, value in once[0].state_dict().items():
+        torch.testing.assert_close(value, plain.state_dict()[name], atol=1e-6, rtol=0)
 
 
 def test_muon_is_refused_where_it_cannot_run():
