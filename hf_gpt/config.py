@@ -96,6 +96,20 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_epsilon: float = 1e-8
     max_grad_norm: float = field(default=1.0, metadata={"help": "0 disables clipping."})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw | muon: Muon (torch.optim.Muon's update) for the attention and MLP weight matrices, AdamW with "
+                "the fields above for embeddings, LayerNorms and biases (docs/optimizers.md). Not for LoRA or FSDP."})
+    muon_learning_rate: float = 0.02
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_weight_decay: float = field(default=0.1, metadata={
+        "help": "Muon's decoupled weight decay: each step multiplies its matrices by 1 - muon_learning_rate x this."})
+    muon_adjust_lr: str = field(default="original", metadata={
+        "help": "How Muon scales its rate by each matrix's (out, in) shape, torch.optim.Muon's adjust_lr_fn: original "
+                "(sqrt(max(1, out/in))) | match_rms_adamw (0.2 sqrt(max(out, in)): AdamW's rates carry over)."})
+    muon_split_qkv: bool = field(default=True, metadata={
+        "help": "Orthogonalise attention's query, key and value as three matrices, as modded-nanogpt and nanochat "
+                "do; false: c_attn as one."})
 
     # Speed.
     mixed_precision: str = field(default="", metadata={"help": "no | bf16 | fp16; empty: accelerate's config."})
@@ -131,6 +145,9 @@ class TrainConfig:
                 "seed); the flag alone empties the list."})
     max_new_tokens: int = field(default=48, metadata={
         "help": "New tokens of each generated text: the evaluation samples (and SFT's test replies)."})
+    stop_at_val_loss: float = field(default=0.0, metadata={
+        "help": "End the run at the first evaluation at or under this validation loss; summary.json's time_to_target "
+                "says when (training seconds, evaluation and the first step apart). 0: off."})
 
     # Names this project used before it had one vocabulary (old -> new): refused with the new name.
     renamed: ClassVar[dict[str, str]] = {"sample_tokens": "max_new_tokens"}
@@ -225,7 +242,7 @@ SHUFFLE_ROWS_HELP = ("Micro-batches are drawn at random from a buffer of this ma
 AT_LEAST_ONE = {"micro_batch_size", "log_every", "block_size", "n_layer", "n_head", "n_embd", "tokenizer_vocab_size",
                 "tokenizer_train_documents", "max_length", "generation_batch_size", "shard_tokens"}
 FRACTIONS = {"val_fraction", "test_fraction", "warmup_ratio", "min_lr_ratio", "decay_ratio", "dropout",
-             "lora_dropout", "adam_beta1", "adam_beta2"}
+             "lora_dropout", "adam_beta1", "adam_beta2", "muon_momentum"}
 
 
 # Fields that take one of a fixed set of values, by name (a name means one thing in every config that has it):

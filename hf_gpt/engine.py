@@ -51,7 +51,7 @@ from .generation import SAMPLED, generate
 from .metrics_log import MetricsLog
 from .model import (VARLEN_KERNEL_NAMES, causal_lm_loss, document_mask_inputs, linear_layout, qkv_attention,
                     use_varlen_kernel)
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, check_optimizer
 from .tokenizer import token_byte_lengths
 
 CHECKPOINTS = "checkpoints"
@@ -93,6 +93,7 @@ def start_run(cfg) -> Accelerator:
         kwargs_handlers=[DDP_BUCKETS],
     )
     set_seed(cfg.seed)
+    check_optimizer(cfg, accelerator.distributed_type)
     if accelerator.device.type == "cpu" and cfg.attn_implementation == "flex_attention":
         raise UserError("flex_attention trains on GPUs only (no backward on CPU); use --attn_implementation sdpa")
     if cfg.attn_implementation == "varlen":
@@ -306,7 +307,7 @@ def load_checkpoint(accelerator, checkpoint: Path, batches) -> dict:
 # follows the new length from the step resumed at) and what it logs, evaluates, saves and publishes.
 # Anything else (data, model, optimizer, precision, seed) would load the checkpoint into another run.
 RESUMABLE = ("max_steps", "max_tokens", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
-             "report_to", "sample_prompts", "max_new_tokens", "push_to_hub")
+             "report_to", "sample_prompts", "max_new_tokens", "push_to_hub", "stop_at_val_loss")
 
 
 def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int) -> list[str]:
@@ -401,7 +402,7 @@ def unwritable_as_error(what: str, folder: Path):
 
 
 def prepare_training(cfg, model, accelerator, total_steps: int):
-    """Model on its device, AdamW and the schedule, all through `accelerator.prepare`; plus the
+    """Model on its device, the optimizer and the schedule, all through `accelerator.prepare`; plus the
     (optionally compiled) forward the loop calls."""
     peft = hasattr(model, "get_base_model")
     # Not under PEFT, which adapts GPT-2's Conv1D itself, nor FSDP, which shards the weights as GPT-2 stores them.
@@ -473,6 +474,7 @@ class FiniteGuard:
         self.check_gradients = accelerator.scaler is None
         # A fused Adam(W) skips a whole update when its `found_inf` flag (on the device) is set: the flag fp16's
         # GradScaler uses. One value to write instead of a masked fill per parameter tensor (1% of a step).
+        # optim.MuonAdamW is an AdamW whose Muon groups honour the flag as well.
         inner = getattr(optimizer, "optimizer", optimizer)
         self.fused = inner if isinstance(inner, torch.optim.Adam) and inner.defaults.get("fused") else None
         device = accelerator.device
@@ -574,7 +576,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     run = set_up(cfg, model, tokenizer, data, accelerator)
     out, main, total_steps = run.output_dir, accelerator.is_main_process, run.total_steps
     step, tokens = run.progress["step"], run.progress["tokens"]
-    if step == total_steps:
+    reached = run.progress.get("target", {})  # a run that ended at its stop_at_val_loss
+    if step == total_steps or (reached and reached["val_loss"] <= cfg.stop_at_val_loss):
         # The checkpoint at the last step is saved after final/ and summary.json: nothing is left to do.
         accelerator.print(f"{out} already finished at step {step}; nothing to train")
         return RunResult(out, out / final_name, step, tokens, run.metrics.last_eval(), False)
@@ -595,7 +598,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
 
     def progress_now() -> dict:
         return {"step": step, "tokens": tokens_now(), "window_loss": window_loss.item(), "window_steps": window_steps,
-                "window_grad_norm": window_grad_norm.item()}
+                "window_grad_norm": window_grad_norm.item(), "train_seconds": run.train_seconds(),
+                "first_step_seconds": run.first_step_seconds}
 
     stopped = 0  # the number of the signal that stopped the run
     # The bar closes however the loop ends, so that an error line never lands on it.
@@ -612,6 +616,10 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
             new_tokens += step_tokens
             step += 1
             bar.update(1)
+            if run.train_clock is None:  # this process's first step holds torch.compile's compilation: timed apart
+                loss.item()  # waits for the device
+                run.first_step_seconds += time.perf_counter() - started
+                run.train_clock = time.perf_counter()
 
             if step % cfg.log_every == 0 or step == total_steps:
                 # The only host syncs in the loop, every log_every steps.
@@ -632,6 +640,8 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
             paused = time.perf_counter()
             if run.eval_every and step % run.eval_every == 0 and step < total_steps:
                 evaluate_and_log(run, step, tokens_now())
+                if run.target:  # stop_at_val_loss reached: the run ends here, as at its last step
+                    break
             # At the last step the run finishes anyway, with final/ and the checkpoint that says it is complete.
             stop_now = step < total_steps and _agreed(stop.received, accelerator, step % cfg.log_every == 0)
             if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stop_now:
@@ -693,7 +703,20 @@ class Run:
     eval_every: int
     progress: dict
     last_eval: dict = field(default_factory=dict)
+    eval_step: int = -1  # the step last evaluated
+    target: dict = field(default_factory=dict)  # where stop_at_val_loss was reached: time_to_target's figures
+    # The clocks of time to target. Each process's first step (compilation) is timed apart, and the training clock
+    # starts when it ends; evaluation and checkpoints are timed apart too. Earlier sessions' seconds are in progress.
     eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+    first_step_seconds: float = 0.0
+    train_clock: float | None = None
+
+    def train_seconds(self) -> float:
+        """Seconds spent training, in every session of the run: evaluation, checkpoints and first steps left out."""
+        since = 0.0 if self.train_clock is None else (
+            time.perf_counter() - self.train_clock - self.eval_seconds - self.checkpoint_seconds)
+        return self.progress.get("train_seconds", 0.0) + since
 
 
 def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
@@ -747,7 +770,8 @@ def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
     metrics.truncate_after(progress["step"])  # rows a killed run wrote past its last checkpoint
     run = Run(cfg, accelerator, out, tokenizer, model, forward, optimizer, scheduler, batches, eval_set, guard,
               metrics, token_byte_lengths(tokenizer, accelerator.unwrap_model(model).config.vocab_size), accum,
-              tokens_per_step, total_steps, cfg.eval_every or (max(1, round(epoch)) if epoch else 0), progress)
+              tokens_per_step, total_steps, cfg.eval_every or (max(1, round(epoch)) if epoch else 0), progress,
+              first_step_seconds=progress.get("first_step_seconds", 0.0))
     if progress["step"] < total_steps:  # a finished run, resumed, changes nothing
         if main and not resume_from:  # a resumed run keeps the config it was started with
             save_config(cfg, out / "config.yaml")
@@ -787,11 +811,13 @@ def evaluate_and_log(run: Run, step: int, tokens: int) -> None:
     """Validation loss, perplexity and bits per byte (and the samples of cfg.sample_prompts) at `step`, into
     metrics.jsonl, the trackers and the console."""
     cfg, accelerator = run.cfg, run.accelerator
-    check_finite(run)
+    check_finite(run)  # also waits for the device, so that the training clock reads true
+    train_seconds = run.train_seconds()
     began = time.perf_counter()
     model = accelerator.unwrap_model(run.model)
     run.last_eval = evaluate(model, run.eval_set, run.byte_lengths, cfg.attn_implementation, accelerator)
-    row = {"step": step, "tokens": tokens, **run.last_eval}
+    run.eval_step = step
+    row = {"step": step, "tokens": tokens, **run.last_eval, "train_s": train_seconds}
     # A sharded (FSDP) model generates on every process together: each forward gathers the weights from all.
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if cfg.sample_prompts and (accelerator.is_main_process or sharded):
@@ -807,14 +833,23 @@ def evaluate_and_log(run: Run, step: int, tokens: int) -> None:
         for prompt, text in zip(cfg.sample_prompts, row.get("samples", [])):
             tqdm.write(f"  {prompt!r} -> {text!r}")
     run.eval_seconds += time.perf_counter() - began
+    if cfg.stop_at_val_loss and not run.target and run.last_eval.get("val_loss", math.inf) <= cfg.stop_at_val_loss:
+        run.target = {"step": step, "tokens": tokens, "val_loss": run.last_eval["val_loss"], "train_s": train_seconds,
+                      "first_step_s": run.first_step_seconds, "eval_s": run.eval_seconds,
+                      "checkpoint_s": run.checkpoint_seconds}
+        accelerator.print(f"step {step}: val_loss {run.last_eval['val_loss']:.4f} <= stop_at_val_loss "
+                          f"{cfg.stop_at_val_loss} after {train_seconds:.1f} s of training")
 
 
 def checkpoint(run: Run, progress: dict) -> Path:
     """save_checkpoint() with `progress`, once the steps before it are known to be finite: nothing trained after
     a non-finite step is ever saved."""
     check_finite(run)
+    began = time.perf_counter()
     with unwritable_as_error(f"checkpoint step {progress['step']}", run.output_dir):
-        return save_checkpoint(run.accelerator, run.output_dir, progress, run.batches, run.cfg.keep_checkpoints)
+        path = save_checkpoint(run.accelerator, run.output_dir, progress, run.batches, run.cfg.keep_checkpoints)
+    run.checkpoint_seconds += time.perf_counter() - began
+    return path
 
 
 def finish(run: Run, progress: dict, started: float, stopped: int, final_name: str, info: dict,
@@ -823,22 +858,36 @@ def finish(run: Run, progress: dict, started: float, stopped: int, final_name: s
     summary.json and loss.png; then, last, the checkpoint whose presence at the last step says all of those
     are complete."""
     out, accelerator, step, tokens = run.output_dir, run.accelerator, progress["step"], progress["tokens"]
-    if not stopped:
+    if not stopped and run.eval_step != step:  # a run stopped at its target was evaluated at this step
         evaluate_and_log(run, step, tokens)
+    train_seconds = run.train_seconds()
+    if not stopped:
         with unwritable_as_error(f"{final_name}/", out):
             save_final(accelerator, run.model, run.tokenizer, out / final_name, mark_final)
     wall = time.perf_counter() - started
     if accelerator.is_main_process:
-        summary = run_summary(run.cfg, accelerator, {"steps": step, "tokens": tokens, "wall_time_s": wall,
-                                                     "eval_time_s": run.eval_seconds,
-                                                     "tokens_per_step": run.tokens_per_step, "eval": run.last_eval},
-                              info)
+        result = {"steps": step, "tokens": tokens, "wall_time_s": wall, "eval_time_s": run.eval_seconds,
+                  "train_time_s": train_seconds, "first_step_time_s": run.first_step_seconds,
+                  "checkpoint_time_s": run.checkpoint_seconds, "tokens_per_step": run.tokens_per_step,
+                  "eval": run.last_eval}
+        if run.cfg.stop_at_val_loss:
+            result["time_to_target"] = time_to_target(run)
+        summary = run_summary(run.cfg, accelerator, result, info)
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
         run.metrics.plot(out / "loss.png")
     if not stopped:
-        checkpoint(run, progress)
+        checkpoint(run, {**progress, "target": run.target} if run.target else progress)
     accelerator.end_training()
     return RunResult(out, out / final_name, step, tokens, run.last_eval, bool(stopped), stopped)
+
+
+def time_to_target(run: Run) -> dict:
+    """Where the run first evaluated at or under stop_at_val_loss: its step, tokens and validation loss, and the
+    seconds spent training until then, with those spent evaluating, saving checkpoints and in first steps (which
+    hold compilation) beside them; all null where it was not reached."""
+    reached = run.target or dict.fromkeys(("step", "tokens", "val_loss", "train_s", "first_step_s", "eval_s",
+                                           "checkpoint_s"))
+    return {"stop_at_val_loss": run.cfg.stop_at_val_loss, "reached": bool(run.target), **reached}
 
 
 def _agreed(signum: int, accelerator, may_sync: bool) -> int:

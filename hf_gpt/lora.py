@@ -195,6 +195,9 @@ def check_config(cfg: LoraRunConfig) -> None:
         raise UserError("set --dataset: a folder of your .txt/.md writing, or one file")
     if cfg.r == 0 and not cfg.trigger_token:
         raise UserError("r 0 trains the trigger token alone: set --trigger_token too")
+    if cfg.optimizer != "adamw":
+        raise UserError(f"LoRA trains with AdamW: optimizer {cfg.optimizer} is for a whole model's hidden matrices, "
+                        "not low-rank adapters; drop --optimizer")
 
 
 def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -1,13 +1,21 @@
-"""AdamW with weight decay only where it belongs, and the learning-rate schedules."""
+"""The optimizers, chosen by name (OPTIMIZERS): AdamW with weight decay only where it belongs, and Muon for the
+hidden matrices with AdamW for the rest; and the learning-rate schedules."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+from accelerate import DistributedType
 from torch import nn
+# torch.optim.Muon's own pieces, used rather than copied: its step takes each parameter as one (out, in) matrix,
+# and GPT-2's are (in, out) under Conv1D, or three matrices in one (c_attn). See MuonAdamW.
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr, \
+    _zeropower_via_newtonschulz
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
+from transformers.pytorch_utils import Conv1D
 
 from .config import UserError
 
@@ -25,16 +33,141 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
             if p.requires_grad and p.ndim >= 2 and id(p) not in embeddings}
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def _adamw_groups(model: nn.Module, cfg, leave_out: set[int] = frozenset()) -> list[dict]:
+    """AdamW's two groups, decayed and not, of the trainable parameters not in `leave_out` (ids)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in leave_out]
     decay = {n for n, _ in trainable} if cfg.weight_decay_everywhere else decay_parameter_names(model)
-    groups = [
+    return [
         {"params": [p for n, p in trainable if n in decay], "weight_decay": cfg.weight_decay},
         {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0},
     ]
-    fused = all(p.is_cuda for _, p in trainable)  # one kernel for the whole update on GPUs
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon, fused=fused or None)
+
+
+def _adamw_settings(model: nn.Module, cfg) -> dict:
+    fused = all(p.is_cuda for p in model.parameters() if p.requires_grad)  # one kernel for the whole update on GPUs
+    return {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon,
+            "fused": fused or None}
+
+
+def build_adamw(model: nn.Module, cfg) -> torch.optim.AdamW:
+    return torch.optim.AdamW(_adamw_groups(model, cfg), **_adamw_settings(model, cfg))
+
+
+def hidden_matrices(model: nn.Module) -> dict[str, tuple[nn.Parameter, bool]]:
+    """The weight matrices of the blocks' linear layers (attention c_attn/c_proj, MLP c_fc/c_proj), by name, each
+    with whether it is held (in, out) as GPT-2's Conv1D holds it, not (out, in) as nn.Linear does. Not the
+    embeddings nor the output head, tied or not: Muon is for hidden layers (Keller Jordan's post)."""
+    head = model.get_output_embeddings()
+    head = id(head.weight) if head is not None else None
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (Conv1D, nn.Linear)) and module.weight.requires_grad and id(module.weight) != head:
+            found[f"{name}.weight"] = (module.weight, isinstance(module, Conv1D))
+    return found
+
+
+class MuonAdamW(torch.optim.AdamW):
+    """torch.optim.Muon's update for the groups marked `muon`, AdamW for the others, as one optimizer: the engine,
+    the schedule (one LambdaLR scales every group's rate) and the checkpoints (one state dict) see one, as in
+    Keller Jordan's MuonWithAuxAdam.
+
+    torch.optim.Muon scales each update by the matrix's shape read as (out, in), nn.Linear's layout; GPT-2's
+    Conv1D holds (in, out). So each matrix is orthogonalised and scaled here in its (out, in) form, whichever
+    layout it trains in (`transposed`), and as `blocks` matrices stacked along its outputs: c_attn's query, key
+    and value apart (`muon_split_qkv`). The momentum, Newton-Schulz iteration and scale are torch's own.
+
+    A non-finite step is skipped whole on the device, as a fused AdamW skips it: the engine's FiniteGuard sets
+    `found_inf` and the Muon groups honour it too (weights, momentum and decay untouched), with no host sync.
+    """
+
+    @contextlib.contextmanager
+    def _adamw_groups(self):
+        """AdamW's own code sees its groups only: it reads an Adam state ("step") for every parameter it is given."""
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if not g["muon"]]
+        try:
+            yield
+        finally:
+            self.param_groups = groups
+
+    def __setstate__(self, state):  # what load_state_dict calls
+        torch.optim.Optimizer.__setstate__(self, state)
+        with self._adamw_groups():
+            super().__setstate__({"state": self.state, "param_groups": self.param_groups})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        with self._adamw_groups():
+            loss = super().step(closure)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            if group["muon"]:
+                self._muon_step(group, found_inf)
+        return loss
+
+    def _muon_step(self, group: dict, found_inf) -> None:
+        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+        keep = None if found_inf is None else 1.0 - found_inf.float()  # 0 skips the step
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad if keep is None else torch.where(keep > 0, p.grad, 0.0)
+            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(grad))
+            buf.lerp_(grad, 1 - momentum if keep is None else (1 - momentum) * keep)
+            update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+            # (out, in) views of the weight and its update, the blocks along the outputs
+            weight, matrix = (p.T, update.T) if group["transposed"] else (p, update)
+            p.mul_(1 - lr * decay if keep is None else 1 - lr * decay * keep)
+            for block, block_update in zip(weight.chunk(group["blocks"]), matrix.chunk(group["blocks"])):
+                ortho = _zeropower_via_newtonschulz(block_update, (DEFAULT_A, DEFAULT_B, DEFAULT_C), DEFAULT_NS_STEPS, EPS)
+                rate = _adjust_lr(lr, group["adjust_lr_fn"], block_update.shape)
+                if keep is None:
+                    block.add_(ortho, alpha=-rate)  # in place through the view: torch.optim.Muon's own arithmetic
+                else:
+                    block.sub_(ortho.float() * (rate * keep))  # float: a bf16 product would round the update
+
+
+def build_muon(model: nn.Module, cfg) -> MuonAdamW:
+    """Muon for the hidden matrices, AdamW (learning_rate, adam_*, weight_decay) for embeddings, LayerNorms and
+    biases (and an untied head)."""
+    if hasattr(model, "get_base_model"):
+        raise UserError("optimizer muon is for a whole model's hidden matrices, not LoRA's low-rank adapters: "
+                        "use --optimizer adamw")
+    matrices = hidden_matrices(model)
+    muon_groups = {}
+    for name, (param, transposed) in matrices.items():
+        # modded-nanogpt's first Muon record (records/track_1_short/2024-10-10_Muon/train_gpt2.py) splits
+        # GPT-2's grouped QKV matrix into three before orthogonalising; nanochat holds c_q, c_k and c_v apart.
+        blocks = 3 if cfg.muon_split_qkv and name.endswith("attn.c_attn.weight") else 1
+        muon_groups.setdefault((transposed, blocks), []).append(param)
+    groups = _adamw_groups(model, cfg, leave_out={id(p) for p, _ in matrices.values()})
+    groups += [{"params": params, "muon": True, "transposed": transposed, "blocks": blocks,
+                "lr": cfg.muon_learning_rate, "weight_decay": cfg.muon_weight_decay, "momentum": cfg.muon_momentum,
+                "nesterov": cfg.muon_nesterov, "adjust_lr_fn": cfg.muon_adjust_lr}
+               for (transposed, blocks), params in muon_groups.items()]
+    for group in groups:
+        group.setdefault("muon", False)
+    return MuonAdamW(groups, **_adamw_settings(model, cfg))
+
+
+# Optimizers by name (the `optimizer` field): each builds one torch optimizer for a model from the run's config.
+OPTIMIZERS = {"adamw": build_adamw, "muon": build_muon}
+MUON_SCALINGS = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
+
+
+def check_optimizer(cfg, distributed_type=None) -> None:
+    """The optimizer's settings, before anything is built."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
+    if cfg.optimizer == "muon" and cfg.muon_adjust_lr not in MUON_SCALINGS:
+        raise UserError(f"muon_adjust_lr must be one of {', '.join(MUON_SCALINGS)}, not {cfg.muon_adjust_lr!r}")
+    if cfg.optimizer == "muon" and distributed_type == DistributedType.FSDP:
+        raise UserError("optimizer muon does not run under FSDP: Muon orthogonalises each whole matrix and FSDP "
+                        "gives each process a slice of it; use DDP (configs/accelerate/ddp.yaml) or --optimizer adamw")
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.optimizer](model, cfg)
 
 
 def build_scheduler(optimizer, cfg, total_steps: int) -> LambdaLR:

@@ -266,5 +266,6 @@ def test_the_article_interventions_parse_against_the_seed_recipe(tmp_path):
 
     assert {tokens_per_step(ablation.config(r)) for r in ablation.runs} == {6 * 1024, 96 * 1024, 512 * 1024}
     assert all(25165824 % tokens_per_step(ablation.config(r)) == 0 for r in ablation.runs)
-    assert len(interventions) == 13  # the article's table (QKV bias taken away), and five more
+    assert len(interventions) == 14  # the article's table (QKV bias taken away), and six more
     assert ablation.config(next(r for r in ablation.runs if r.name == "no_qkv_bias")).qkv_bias is False
+    assert ablation.config(next(r for r in ablation.runs if r.name == "muon")).optimizer == "muon"
