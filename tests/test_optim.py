@@ -374,3 +374,10 @@ def test_lora_keeps_adamw():
     cfg = load_config(LoraRunConfig, ["--model", "runs/sft/final", "--dataset", "writing", "--optimizer", "muon"])
     with pytest.raises(UserError, match="LoRA trains with AdamW: optimizer muon is for a whole model's hidden"):
         check_config(cfg)
+
+
+def test_the_optimizer_choices_checked_before_work_are_the_optimizers_built():
+    from hf_gpt.config import CHOICES
+    from hf_gpt.optim import MUON_SCALINGS, OPTIMIZERS
+
+    assert CHOICES["optimizer"] == tuple(OPTIMIZERS) and CHOICES["muon_adjust_lr"] == MUON_SCALINGS
