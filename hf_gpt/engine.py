@@ -45,7 +45,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .config import UserError, changed_fields, first_line, save_config
-from .files import atomic_folder, atomic_write, recover_folders, replace_folder
+from .files import atomic_folder, atomic_write, damaged_file, recover_folders, replace_folder, write_manifest
 from .generation import SAMPLED, generate
 from .metrics_log import MetricsLog
 from .model import (VARLEN_KERNEL_NAMES, causal_lm_loss, document_mask_inputs, linear_layout, qkv_attention,
@@ -270,6 +270,7 @@ def save_checkpoint(accelerator, output_dir: Path, progress: dict, batches, keep
     torch.save({**progress, "data": batches.state_dict()}, tmp / f"progress_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(tmp)  # last: it vouches for every file above, checked on --resume
         replace_folder(tmp, final)
         for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
@@ -297,6 +298,9 @@ def load_checkpoint(accelerator, checkpoint: Path, batches) -> dict:
     except pickle.UnpicklingError as e:
         raise UserError(f"{checkpoint} holds a file that is more than tensors and numbers, refused as it could "
                         f"run code ({first_line(e)})") from None
+    except Exception as e:  # a checkpoint from before manifests: truncated, garbled, of another model, ...
+        raise UserError(f"{checkpoint} could not be loaded ({first_line(e)}); "
+                        f"{without_checkpoint(checkpoint.parent.parent, checkpoint)}") from None
     batches.load_state_dict(progress.pop("data"))
     return progress
 
@@ -308,19 +312,28 @@ RESUMABLE = ("max_steps", "max_tokens", "epochs", "log_every", "eval_every", "sa
              "report_to", "sample_prompts", "max_new_tokens", "push_to_hub")
 
 
+def without_checkpoint(output_dir: Path, checkpoint: Path) -> str:
+    """The way on from a damaged checkpoint: --resume takes the latest, so remove it and the one before serves."""
+    earlier = [c for c in checkpoint_dirs(output_dir) if c.name < checkpoint.name]
+    return f"remove it, and --resume then continues from {earlier[-1]}" if earlier else \
+        "remove it, and --resume then starts from scratch"
+
+
 def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int) -> list[str]:
-    """The changes (`field old -> new`) of RESUMABLE fields from the run's config.yaml; other changes, and
-    another number of processes (each saved its place in its own share of the data), are refused. A run started
+    """The changes (`field old -> new`) of RESUMABLE fields from the run's config.yaml; a checkpoint whose files
+    differ from its manifest, other changes, and another number of processes (each saved its place in its own
+    share of the data), are refused. A run started
     before `linear_layout` existed goes on without it: its checkpoints hold AdamW's moments in Conv1D's layout;
     one started before `shuffle_rows` reads its data in order to the end, as it began."""
     saved_by = len(list(checkpoint.glob("progress_*.pt")))
     if saved_by == 0:
         # Every process writes one, so none means the folder was damaged (or emptied by hand) after its swap, not
-        # a run of another size: --resume takes the latest checkpoint, so the way on is to remove this one.
-        earlier = [c for c in checkpoint_dirs(output_dir) if c.name < checkpoint.name]
-        then = f"--resume then continues from {earlier[-1]}" if earlier else "--resume then starts from scratch"
+        # a run of another size.
         raise UserError(f"{checkpoint} is incomplete or damaged: it holds no progress_*.pt (each process's place in "
-                        f"the data); remove it, and {then}")
+                        f"the data); {without_checkpoint(output_dir, checkpoint)}")
+    damage = damaged_file(checkpoint)
+    if damage:
+        raise UserError(f"{checkpoint} is damaged: {damage}; {without_checkpoint(output_dir, checkpoint)}")
     if saved_by != num_processes:
         raise UserError(f"{checkpoint} was saved by {saved_by} processes and this run has {num_processes}; "
                         f"resume with {saved_by} (each process saved its place in its own share of the data)")
@@ -366,6 +379,7 @@ def save_final(accelerator, model, tokenizer, final_dir: Path, mark=None) -> Non
             tokenizer.save_pretrained(tmp)
             if mark:
                 mark(tmp)
+            write_manifest(tmp)  # loading.load_causal_lm checks it
     accelerator.wait_for_everyone()
 
 

@@ -12,6 +12,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
 from .config import UserError, could_not_load
+from .files import damaged_file
 from .model import attention_name
 
 # A model folder holds one of these: save_pretrained's config, or a PEFT adapter's.
@@ -107,6 +108,9 @@ def load_causal_lm(name_or_path: str, *, device: str | torch.device = "cpu", dty
     options = {"dtype": dtype, "attn_implementation": attention_name(attn_implementation), **config}
     if (path / "adapter_config.json").is_file():
         adapter_base(name_or_path)  # a base that moved is said so, not left to PEFT
+    if path.is_dir() and (damage := damaged_file(path)):  # a run's final/ carries a manifest of its files
+        raise UserError(f"model '{name_or_path}' could not be loaded: {damage}; it was damaged since it was saved; "
+                        "replace the folder with a good copy")
     with could_not_load("model", name_or_path):
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM

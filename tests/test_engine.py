@@ -193,6 +193,58 @@ def test_a_checkpoint_without_progress_files_names_the_previous_one(tiny_args, t
                                 f"place in the data); remove it, and --resume then continues from {first}")
 
 
+def flip_bytes(path: Path, at: int = -64) -> None:
+    """Flips a few bytes inside `path` (by default near its end, in the weights, past a safetensors header)."""
+    data = bytearray(path.read_bytes())
+    data[at:at + 4] = bytes(b ^ 0xFF for b in data[at:at + 4])
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_with_flipped_bytes_is_refused_naming_the_file_and_the_previous_one(tiny_args, tmp_path):
+    """Flipped weights would load without a word (the file is still valid safetensors) and train on from there;
+    the manifest saved with the checkpoint catches them, and the checkpoint before is named."""
+    out = tmp_path / "run"
+    common = [*tiny_args, "--max_steps", "6", "--output_dir", str(out)]
+    train_in_process([*common, "--save_every", "2"], lambda data: StopAt(data, 4))
+    first, latest = checkpoint_dirs(out)
+    flip_bytes(latest / "model.safetensors")
+    with pytest.raises(UserError) as error:
+        train_in_process([*common, "--resume"])
+    assert str(error.value) == (f"{latest} is damaged: model.safetensors: its bytes differ from those saved (sha256 "
+                                f"in manifest.json); remove it, and --resume then continues from {first}")
+    shutil.rmtree(latest)  # as the line says: the run goes on from the checkpoint before
+    assert train_in_process([*common, "--resume"]).steps == 6
+
+
+def test_generate_refuses_a_final_folder_with_flipped_bytes(straight_run, tmp_path):
+    final = tmp_path / "final"
+    shutil.copytree(straight_run[0] / "final", final)
+    flip_bytes(final / "model.safetensors")
+    result = run_script("scripts/generate.py", str(final), "--prompt", "def ", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model '{final}' could not be loaded: model.safetensors: its bytes differ from those saved (sha256 in "
+        "manifest.json); it was damaged since it was saved; replace the folder with a good copy")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty optimizer", "another model's weights"])
+def test_a_damaged_checkpoint_without_a_manifest_is_one_line(finished_run, tmp_path, damage):
+    """Checkpoints saved before manifests still resume; damaged, they are one line, not a traceback."""
+    run, resume = finished_run
+    latest = checkpoint_dirs(run)[-1]
+    (latest / "manifest.json").unlink()
+    weights = latest / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "empty optimizer":
+        (latest / "optimizer.bin").write_bytes(b"")
+    else:
+        from safetensors.torch import load_file, save_file
+        save_file({k: torch.cat([v, v]) for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(UserError, match=f"^{latest} could not be loaded \\(.*\\); remove it, and --resume then "):
+        train_in_process(resume)
+
+
 def test_a_run_started_before_linear_layout_resumes_in_conv1d_layout(tiny_args, tmp_path):
     """Its checkpoints hold AdamW's moments in Conv1D's layout (its config.yaml has no linear_layout): it resumes in
     that layout and trains on as if uninterrupted."""
