@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -239,6 +240,8 @@ def check(cfg) -> None:
         low = 1 if name in AT_LEAST_ONE else 0
         if not value >= low:  # NaN too
             raise UserError(f"{name} must be {'1 or more' if low else '0 or more'}, not {value}")
+        if math.isinf(value):  # a learning rate of inf diverges at its second step
+            raise UserError(f"{name} must be a finite number, not {value}")
         if name in FRACTIONS and value > 1:
             raise UserError(f"{name} must be between 0 and 1, not {value}")
     attention = getattr(cfg, "attn_implementation", "sdpa")

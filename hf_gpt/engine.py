@@ -17,6 +17,7 @@ Padding goes on the right, where causal attention never sees it, so no padding m
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import fcntl
@@ -148,6 +149,7 @@ def lock_output_dir(out: Path) -> None:
         return
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file, not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "a+")
@@ -165,6 +167,17 @@ def lock_output_dir(out: Path) -> None:
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     _output_locks[out.resolve()] = lock
+    atexit.register(_remove_if_unused, out, created)
+
+
+def _remove_if_unused(out: Path, created: bool) -> None:
+    """At exit, a run that failed before writing anything leaves no folder holding only its .lock behind (nor
+    the folder, if it made it): the next start, or `ls runs/`, would take it for a run."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in out.iterdir()] == [".lock"]:
+            (out / ".lock").unlink()
+            if created:
+                out.rmdir()
 
 
 def accumulation_steps(cfg, tokens_per_micro_batch: int, num_processes: int) -> int:

@@ -89,7 +89,12 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def load_model(name_or_path: str, **options):
     """(model, tokenizer): load_causal_lm's model and its tokenizer (an adapter folder's own if it saved one,
     else its base model's)."""
-    return load_causal_lm(name_or_path, **options), load_tokenizer(name_or_path)
+    model, tokenizer = load_causal_lm(name_or_path, **options), load_tokenizer(name_or_path)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # an id past the table is an IndexError deep inside the first forward
+        raise UserError(f"model '{name_or_path}': its tokenizer has {len(tokenizer):,} tokens, more than the model's "
+                        f"{rows:,} embeddings; put the tokenizer the model was trained with in its folder")
+    return model, tokenizer
 
 
 def load_causal_lm(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

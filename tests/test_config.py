@@ -58,6 +58,7 @@ def test_a_recipe_with_a_token_budget_trains_for_it():
     ("sft", ["--test_fraction", "1.5"], "test_fraction must be between 0 and 1, not 1.5"),
     ("lora", ["--block_size", "0"], "block_size must be 1 or more, not 0"),
     ("lora", ["--learning_rate", "nan"], "learning_rate must be 0 or more, not nan"),
+    ("pretrain", ["--learning_rate", "inf"], "learning_rate must be a finite number, not inf"),
     ("pretrain", ["--attn_implementation", "flash"], "attn_implementation must be one of sdpa, eager, "),
     ("pretrain", ["--attn_implementation", "varlen", "--dropout", "0.1"], "varlen has no attention dropout"),
     ("lora", ["--varlen_kernel", "fa3"], "varlen_kernel must be one of auto, torch, fa4, not 'fa3'"),

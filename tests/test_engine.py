@@ -485,6 +485,9 @@ def test_an_existing_run_is_never_overwritten(straight_run):
     (["--micro_batch_size", "0"], "micro_batch_size must be 1 or more, not 0"),
     (["--learning_rate", "abc"], "error: argument --learning_rate: invalid float value: 'abc'"),
     (["--max_steps", "-5", "--tokenizer", "train"], "max_steps must be 0 or more, not -5"),  # not after training a BPE
+    (["--n_embd", "30", "--n_head", "4", "--tokenizer", "train"], "n_embd 30 is not a multiple of n_head 4"),
+    # 19 billion parameters: refused at once, not built and swapped for minutes
+    (["--block_size", "100000000", "--tokenizer", "train"], "needs about"),
 ])
 def test_bad_input_gets_one_clear_line(tiny_args, tmp_path, extra, message):
     recipe = tmp_path / "bad.yaml"
@@ -496,6 +499,8 @@ def test_bad_input_gets_one_clear_line(tiny_args, tmp_path, extra, message):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "usage:" not in result.stderr
+    run = tmp_path / "run"  # a failed start leaves no folder holding only its .lock (the tokenizer it kept, if any)
+    assert not run.exists() or [p.name for p in run.iterdir()] not in ([".lock"], [])
 
 
 def test_push_to_hub_is_checked_before_training(tiny_args, tmp_path):
