@@ -147,6 +147,9 @@ def read_yaml(path: str | Path, cls) -> dict:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config {path}: not valid YAML ({e})".replace("\n", " ")) from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config {path}: not a YAML text file (byte {e.start} is not UTF-8); give a recipe such as "
+                        "configs/default.yaml") from None
     if not isinstance(values, dict):
         raise UserError(f"config {path}: expected a mapping of field: value")
     for key in values:

@@ -167,3 +167,12 @@ def test_old_script_flags_are_refused_with_the_new_one():
                         (["scripts/prepare_data.py", "--out", "x"], "error: --out is now called --output_dir")]:
         result = run_script(*args, check=False)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == error
+
+
+def test_a_binary_config_file_is_one_line(tmp_path):
+    recipe = tmp_path / "model.safetensors"
+    recipe.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    with pytest.raises(UserError) as error:
+        load_config(PretrainConfig, ["--config", str(recipe)])
+    assert str(error.value) == (f"config {recipe}: not a YAML text file (byte 0 is not UTF-8); give a recipe such as "
+                                "configs/default.yaml")

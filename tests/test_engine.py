@@ -227,7 +227,7 @@ def test_generate_refuses_a_final_folder_with_flipped_bytes(straight_run, tmp_pa
         "manifest.json); it was damaged since it was saved; replace the folder with a good copy")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty optimizer", "another model's weights"])
+@pytest.mark.parametrize("damage", ["truncated", "empty optimizer", "another model's weights", "custom pickle"])
 def test_a_damaged_checkpoint_without_a_manifest_is_one_line(finished_run, tmp_path, damage):
     """Checkpoints saved before manifests still resume; damaged, they are one line, not a traceback."""
     run, resume = finished_run
@@ -238,11 +238,15 @@ def test_a_damaged_checkpoint_without_a_manifest_is_one_line(finished_run, tmp_p
         weights.write_bytes(weights.read_bytes()[:1000])
     elif damage == "empty optimizer":
         (latest / "optimizer.bin").write_bytes(b"")
+    elif damage == "custom pickle":  # accelerate would unpickle it in full; it refuses, and so does this line
+        marker = tmp_path / "marker"
+        torch.save(RunsCode(marker), latest / "custom_checkpoint_0.pkl")
     else:
         from safetensors.torch import load_file, save_file
         save_file({k: torch.cat([v, v]) for k, v in load_file(weights).items()}, weights)
     with pytest.raises(UserError, match=f"^{latest} could not be loaded \\(.*\\); remove it, and --resume then "):
         train_in_process(resume)
+    assert not (tmp_path / "marker").exists()
 
 
 def test_a_run_started_before_linear_layout_resumes_in_conv1d_layout(tiny_args, tmp_path):
