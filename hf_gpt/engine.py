@@ -23,6 +23,7 @@ import ctypes
 import fcntl
 import importlib.util
 import json
+import logging
 import math
 import os
 import pickle
@@ -261,6 +262,20 @@ class StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class TiedHeadNotice(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {'lm_head.weight'} while saving" line, written at every
+    checkpoint of a model whose head is tied to its token embeddings (GPT-2's default). save_state leaves the
+    alias out of model.safetensors on purpose (safetensors stores no shared tensors) and load_state loads into
+    the same tied parameter, so the line says nothing; accelerate has no switch for it, only its logger's
+    level, which would hide its other warnings too. Any other shared tensor is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor {'lm_head.weight'} while saving" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(TiedHeadNotice())
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:

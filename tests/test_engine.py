@@ -1,5 +1,6 @@
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -247,6 +248,19 @@ def test_a_damaged_checkpoint_without_a_manifest_is_one_line(finished_run, tmp_p
     with pytest.raises(UserError, match=f"^{latest} could not be loaded \\(.*\\); remove it, and --resume then "):
         train_in_process(resume)
     assert not (tmp_path / "marker").exists()
+
+
+def test_checkpoints_of_a_tied_model_save_without_the_shared_tensor_warning(tiny_args, tmp_path, caplog):
+    """accelerate warns at every save that it left lm_head.weight out (it is the token embeddings); the head comes
+    back tied on load, so the line is dropped, and only that one."""
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        train_in_process([*tiny_args, "--max_steps", "2", "--save_every", "1", "--output_dir", str(out)])
+        logging.getLogger("accelerate.utils.other").warning("Removed shared tensor {'a', 'b'} while saving")
+    assert [r.getMessage() for r in caplog.records if "shared tensor" in r.getMessage()] == [
+        "Removed shared tensor {'a', 'b'} while saving"]
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.lm_head.weight is model.transformer.wte.weight
 
 
 def test_a_run_started_before_linear_layout_resumes_in_conv1d_layout(tiny_args, tmp_path):
