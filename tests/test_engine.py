@@ -19,7 +19,7 @@ from conftest import ROOT, run_script
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
 from hf_gpt.engine import RunResult, checkpoint_dirs, run_length, save_checkpoint, save_final, start_run, train
-from hf_gpt.files import recover_folders
+from hf_gpt.files import damaged_file, recover_folders
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.metrics_log import MetricsLog
 from hf_gpt.model import build_model
@@ -604,6 +604,46 @@ def test_a_stopped_launcher_checkpoints_its_run_and_a_second_run_is_refused(tiny
     assert "stopped by signal" in log, log[-3000:]
     assert checkpoint_dirs(out) and not (out / "final").exists()
     assert subprocess.run(["pgrep", "-f", str(out)], capture_output=True).returncode == 1  # no process left
+
+
+SLOW_SAVE = """import os, time
+import torch
+_save = torch.save
+def save(*args, **kwargs):  # a checkpoint that takes longer to write than a launcher would wait by default
+    time.sleep(float(os.environ["SLOW_SAVE"]))
+    return _save(*args, **kwargs)
+torch.save = save
+"""
+
+
+def test_a_launcher_given_the_time_keeps_the_checkpoint_of_a_slow_save(tiny_args, tmp_path):
+    """docs/errors.md: torchrun (what `accelerate launch` runs for several processes) kills the training
+    processes TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds after its SIGTERM; given the time, a save that takes
+    longer than a one-process `accelerate launch` waits (5 s) ends whole."""
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_SAVE)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tmp_path / "slow"), "SLOW_SAVE": "2",
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "1", "scripts/pretrain.py", *tiny_args, "--max_steps", "5000", "--output_dir",
+                                 str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and launcher.poll() is None and not (
+                (out / "metrics.jsonl").exists() and losses(out)):
+            time.sleep(0.1)
+        signalled = time.time()
+        launcher.send_signal(signal.SIGTERM)
+        log = launcher.communicate(timeout=240)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert "stopped by signal" in log, log[-3000:]
+    assert time.time() - signalled > 5
+    (saved,) = checkpoint_dirs(out)
+    assert (saved / "manifest.json").is_file() and damaged_file(saved) is None
 
 
 def test_a_launched_run_ends_on_its_error_line_with_quiet(tiny_args, tmp_path):
