@@ -350,9 +350,9 @@ def without_checkpoint(output_dir: Path, checkpoint: Path) -> str:
 def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int) -> list[str]:
     """The changes (`field old -> new`) of RESUMABLE fields from the run's config.yaml; a checkpoint whose files
     differ from its manifest, other changes, and another number of processes (each saved its place in its own
-    share of the data), are refused. A run started
-    before `linear_layout` existed goes on without it: its checkpoints hold AdamW's moments in Conv1D's layout;
-    one started before `shuffle_rows` reads its data in order to the end, as it began."""
+    share of the data), are refused. A run started before `linear_layout` existed goes on without it: its
+    checkpoints hold AdamW's moments in Conv1D's layout; one started before `shuffle_rows` reads its data in
+    order to the end, as it began."""
     saved_by = len(list(checkpoint.glob("progress_*.pt")))
     if saved_by == 0:
         # Every process writes one, so none means the folder was damaged (or emptied by hand) after its swap, not
