@@ -19,7 +19,7 @@ from conftest import ROOT, run_script
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
 from hf_gpt.engine import RunResult, checkpoint_dirs, run_length, save_checkpoint, save_final, start_run, train
-from hf_gpt.files import damaged_file, recover_folders
+from hf_gpt.files import damaged_file, recover_folders, write_manifest
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.metrics_log import MetricsLog
 from hf_gpt.model import build_model
@@ -341,7 +341,9 @@ class RunsCode:
 def test_a_checkpoint_that_would_run_code_is_refused(finished_run, tmp_path, name):
     run, resume = finished_run
     marker = tmp_path / "marker"
-    torch.save(RunsCode(marker), sorted((run / "checkpoints").glob("step_*"))[-1] / name)
+    latest = sorted((run / "checkpoints").glob("step_*"))[-1]
+    torch.save(RunsCode(marker), latest / name)
+    write_manifest(latest)  # a manifest is no defence against whoever sent the checkpoint: they write it too
     with pytest.raises(UserError, match="refused as it could run code"):
         train_in_process(resume)
     assert not marker.exists()
