@@ -8,6 +8,7 @@ import json
 import math
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -263,9 +264,24 @@ def write_report(out: Path, report: dict, chart_name: str) -> None:
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+def check_output_dir(out: Path) -> None:
+    """Before any scoring, which takes minutes to hours: a folder the results cannot be written to would lose
+    them all at the end. Probed by writing in it, or in the nearest folder above that exists (nothing is left)."""
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--output_dir {out}: {existing} is a file, not a folder; choose another --output_dir")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"--output_dir {out}: cannot write in {existing} ({e.strerror}); choose another "
+                        "--output_dir") from None
+
+
 def compare(models: list[str], data: CompareData, out: Path, *, device: str, dtype: torch.dtype,
             batch_size: int) -> dict:
     """Run every model, write report.md, comparison.png and results.json into `out`; returns the report."""
+    check_output_dir(out)
     results, info, continuations = {}, {}, {}
     for name in models:
         results[name], info[name], continuations[name] = evaluate_model(name, data, device=device, dtype=dtype,

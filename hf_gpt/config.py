@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -165,6 +166,9 @@ def read_yaml(path: str | Path, cls) -> dict:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config {path}: not valid YAML ({e})".replace("\n", " ")) from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config {path}: not a YAML text file (byte {e.start} is not UTF-8); give a recipe such as "
+                        "configs/default.yaml") from None
     if not isinstance(values, dict):
         raise UserError(f"config {path}: expected a mapping of field: value")
     for key in values:
@@ -283,6 +287,8 @@ def check(cfg) -> None:
         low = 1 if name in AT_LEAST_ONE else 0
         if not value >= low:  # NaN too
             raise UserError(f"{name} must be {'1 or more' if low else '0 or more'}, not {value}")
+        if math.isinf(value):  # a learning rate of inf diverges at its second step
+            raise UserError(f"{name} must be a finite number, not {value}")
         if name in FRACTIONS and value > 1:
             raise UserError(f"{name} must be between 0 and 1, not {value}")
     for name in CHOICES:

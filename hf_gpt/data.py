@@ -27,8 +27,9 @@ from datasets import IterableDataset, interleave_datasets, load_dataset
 from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 from datasets.distributed import split_dataset_by_node
 
-from .config import UserError, check_choice, could_not_load, dataset_names
+from .config import UserError, check_choice, could_not_load, dataset_names, first_line
 from .files import atomic_folder
+from .writing import MAX_DOCUMENT_CHARS
 
 STDLIB = "stdlib"
 LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -136,7 +137,17 @@ class DocumentSource:
         if isinstance(error, UnicodeDecodeError):
             return UserError(f"dataset {self.name}: undecodable bytes in {_first_undecodable(self.files)}; "
                              "fix the file or set data_encoding_errors: replace")
-        return UserError(f"dataset {self.name}: {type(error).__name__}: {error}")
+        return UserError(f"dataset {self.name}: {first_line(error)}")
+
+
+def bounded(text: str, source: DocumentSource) -> str:
+    """`text`, unless it is longer than a document may be (MAX_DOCUMENT_CHARS, as for LoRA's writing): tokenizing
+    one string takes ~150 times its size in memory, so a 30 MB one-line file took 4.9 GB."""
+    if len(text) > MAX_DOCUMENT_CHARS:
+        raise UserError(f"dataset {source.name}: a document of {len(text):,} characters (starting "
+                        f"{text[:40]!r}), longer than the {MAX_DOCUMENT_CHARS:,} a document may have; split it into "
+                        "several (a text file is one document, a JSON Lines record one)")
+    return text
 
 
 class Mixture:
@@ -199,7 +210,8 @@ def tokenized_documents(source: DocumentSource, tokenizer, *, holdout: float, va
         except KeyError:
             raise UserError(f"dataset {source.name} has no column '{column}' (it has: {', '.join(batch)}); "
                             "set text_column") from None
-        return [bool(t and t.strip()) and (holdout <= 0 or in_holdout(t, holdout) == validation) for t in texts]
+        return [bool(t and bounded(t, source).strip()) and (holdout <= 0 or in_holdout(t, holdout) == validation)
+                for t in texts]
 
     def tokenize(batch):
         ids = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
@@ -479,7 +491,8 @@ class PretrainData:
                 "validation split with --eval_split")
 
     def texts(self):
-        """Training documents as text, for training the tokenizer (never the held-out ones); a mixture's by weight."""
+        """Training documents as text, for training the tokenizer (never the held-out ones), a mixture's by weight;
+        a file that cannot be read is one line, as when the training reads it."""
         column = self.cfg.text_column
 
         def kept(source, frac):
@@ -487,7 +500,14 @@ class PretrainData:
             return ds.filter(lambda ex: bool(ex[column].strip()) and not (frac > 0 and in_holdout(ex[column], frac)))
 
         streams = [kept(source, frac) for source, frac in zip(self.sources, self.holdouts)]
-        return (ex[column] for ex in (self.mixture.mix(streams) if self.mixture else streams[0]))
+        source = self.mixture or self.sources[0]
+        try:
+            for ex in (self.mixture.mix(streams) if self.mixture else streams[0]):
+                yield bounded(ex[column], source)
+        except UserError:
+            raise
+        except Exception as e:
+            raise source.describe_error(e) from None
 
 
 class TokenShards:

@@ -17,11 +17,13 @@ Padding goes on the right, where causal attention never sees it, so no padding m
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import fcntl
 import importlib.util
 import json
+import logging
 import math
 import os
 import pickle
@@ -46,7 +48,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .config import UserError, changed_fields, first_line, save_config
-from .files import atomic_folder, atomic_write, recover_folders, replace_folder
+from .files import atomic_folder, atomic_write, damaged_file, recover_folders, replace_folder, write_manifest
 from .generation import SAMPLED, generate
 from .metrics_log import MetricsLog
 from .model import (VARLEN_KERNEL_NAMES, causal_lm_loss, document_mask_inputs, linear_layout, qkv_attention,
@@ -150,6 +152,7 @@ def lock_output_dir(out: Path) -> None:
         return
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file, not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "a+")
@@ -167,6 +170,17 @@ def lock_output_dir(out: Path) -> None:
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     _output_locks[out.resolve()] = lock
+    atexit.register(_remove_if_unused, out, created)
+
+
+def _remove_if_unused(out: Path, created: bool) -> None:
+    """At exit, a run that failed before writing anything leaves no folder holding only its .lock behind (nor
+    the folder, if it made it): the next start, or `ls runs/`, would take it for a run."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in out.iterdir()] == [".lock"]:
+            (out / ".lock").unlink()
+            if created:
+                out.rmdir()
 
 
 def accumulation_steps(cfg, tokens_per_micro_batch: int, num_processes: int) -> int:
@@ -252,6 +266,20 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+class TiedHeadNotice(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {'lm_head.weight'} while saving" line, written at every
+    checkpoint of a model whose head is tied to its token embeddings (GPT-2's default). save_state leaves the
+    alias out of model.safetensors on purpose (safetensors stores no shared tensors) and load_state loads into
+    the same tied parameter, so the line says nothing; accelerate has no switch for it, only its logger's
+    level, which would hide its other warnings too. Any other shared tensor is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor {'lm_head.weight'} while saving" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(TiedHeadNotice())
+
+
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = output_dir / CHECKPOINTS
     return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
@@ -272,6 +300,7 @@ def save_checkpoint(accelerator, output_dir: Path, progress: dict, batches, keep
     torch.save({**progress, "data": batches.state_dict()}, tmp / f"progress_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(tmp)  # last: it vouches for every file above, checked on --resume
         replace_folder(tmp, final)
         for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
@@ -299,6 +328,9 @@ def load_checkpoint(accelerator, checkpoint: Path, batches) -> dict:
     except pickle.UnpicklingError as e:
         raise UserError(f"{checkpoint} holds a file that is more than tensors and numbers, refused as it could "
                         f"run code ({first_line(e)})") from None
+    except Exception as e:  # a checkpoint from before manifests: truncated, garbled, of another model, ...
+        raise UserError(f"{checkpoint} could not be loaded ({first_line(e)}); "
+                        f"{without_checkpoint(checkpoint.parent.parent, checkpoint)}") from None
     batches.load_state_dict(progress.pop("data"))
     return progress
 
@@ -310,19 +342,28 @@ RESUMABLE = ("max_steps", "max_tokens", "epochs", "log_every", "eval_every", "sa
              "report_to", "sample_prompts", "max_new_tokens", "push_to_hub", "stop_at_val_loss")
 
 
+def without_checkpoint(output_dir: Path, checkpoint: Path) -> str:
+    """The way on from a damaged checkpoint: --resume takes the latest, so remove it and the one before serves."""
+    earlier = [c for c in checkpoint_dirs(output_dir) if c.name < checkpoint.name]
+    return f"remove it, and --resume then continues from {earlier[-1]}" if earlier else \
+        "remove it, and --resume then starts from scratch"
+
+
 def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int) -> list[str]:
-    """The changes (`field old -> new`) of RESUMABLE fields from the run's config.yaml; other changes, and
-    another number of processes (each saved its place in its own share of the data), are refused. A run started
-    before `linear_layout` existed goes on without it: its checkpoints hold AdamW's moments in Conv1D's layout;
-    one started before `shuffle_rows` reads its data in order to the end, as it began."""
+    """The changes (`field old -> new`) of RESUMABLE fields from the run's config.yaml; a checkpoint whose files
+    differ from its manifest, other changes, and another number of processes (each saved its place in its own
+    share of the data), are refused. A run started before `linear_layout` existed goes on without it: its
+    checkpoints hold AdamW's moments in Conv1D's layout; one started before `shuffle_rows` reads its data in
+    order to the end, as it began."""
     saved_by = len(list(checkpoint.glob("progress_*.pt")))
     if saved_by == 0:
         # Every process writes one, so none means the folder was damaged (or emptied by hand) after its swap, not
-        # a run of another size: --resume takes the latest checkpoint, so the way on is to remove this one.
-        earlier = [c for c in checkpoint_dirs(output_dir) if c.name < checkpoint.name]
-        then = f"--resume then continues from {earlier[-1]}" if earlier else "--resume then starts from scratch"
+        # a run of another size.
         raise UserError(f"{checkpoint} is incomplete or damaged: it holds no progress_*.pt (each process's place in "
-                        f"the data); remove it, and {then}")
+                        f"the data); {without_checkpoint(output_dir, checkpoint)}")
+    damage = damaged_file(checkpoint)
+    if damage:
+        raise UserError(f"{checkpoint} is damaged: {damage}; {without_checkpoint(output_dir, checkpoint)}")
     if saved_by != num_processes:
         raise UserError(f"{checkpoint} was saved by {saved_by} processes and this run has {num_processes}; "
                         f"resume with {saved_by} (each process saved its place in its own share of the data)")
@@ -387,6 +428,7 @@ def save_final(accelerator, model, tokenizer, final_dir: Path, mark=None) -> Non
             tokenizer.save_pretrained(tmp)
             if mark:
                 mark(tmp)
+            write_manifest(tmp)  # loading.load_causal_lm checks it
     accelerator.wait_for_everyone()
 
 

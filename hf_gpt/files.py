@@ -1,10 +1,13 @@
 """Files and folders written aside and swapped in: a crash at any moment leaves the old one or the new one
 complete, never half of either. Checkpoints, final/, merged/, token shards, metrics.jsonl, summary.json and
-the SFT replies are all written through here."""
+the SFT replies are all written through here. Checkpoints and final/ carry a manifest of their files' digests,
+checked before they are loaded."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -60,3 +63,42 @@ def recover_folders(root: Path) -> None:
     for old in sorted(root.rglob("*.old")):
         if old.is_dir():
             recover_folder(old.with_name(old.name[:-len(".old")]))
+
+
+# Written into a checkpoint or final/ last, once every other file is complete: the sha256 of each, so that a
+# file damaged since (flipped bits, a truncated copy) is found before it is loaded, not trained on in silence.
+MANIFEST = "manifest.json"
+# The model card, which publishing rewrites in place (hf_gpt.hub): not part of what loads.
+UNLISTED = (MANIFEST, "README.md")
+
+
+def write_manifest(folder: Path) -> None:
+    """`folder`'s MANIFEST: the size and sha256 of every file in it (and below) but UNLISTED, by relative path."""
+    files = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name not in UNLISTED):
+        with path.open("rb") as f:
+            files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size,
+                                                          "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    atomic_write(Path(folder) / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def damaged_file(folder: Path) -> str | None:
+    """What is wrong with `folder` against its MANIFEST ("model.safetensors: its bytes differ from ..."), or
+    None when it matches, or has no manifest (written before manifests were)."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{MANIFEST}: not the list of files it was written as"
+    for name, expected in files.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name}: missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name}: {path.stat().st_size:,} bytes, saved as {expected['bytes']:,} (truncated or replaced)"
+        with path.open("rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != expected["sha256"]:
+                return f"{name}: its bytes differ from those saved (sha256 in {MANIFEST})"
+    return None

@@ -356,8 +356,9 @@ def _usage_section(info: FolderInfo, repo_id: str, base: str | None, revision: s
                    private: bool | None) -> list[str]:
     rev = f', revision="{revision}"' if revision and revision != "main" else ""
     recorded = info.adapter_config.get("base_model_name_or_path")
-    # The base of an adapter: its Hub id, else the folder it was trained on (home folder shortened to ~).
-    base_source = base or str(Path(recorded or "path/to/base-model")).replace(str(Path.home()), "~")
+    # The base of an adapter: its Hub id, else a placeholder: the folder it was trained on is a path of this
+    # machine (a user's name, a project's), and a card publishes no paths.
+    base_source = base or "path/to/base-model"
     if info.kind == "adapter" and hub_id(recorded) and base == recorded:
         # adapter_config.json names the base on the Hub: PEFT finds it by itself.
         code = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",

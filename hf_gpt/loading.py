@@ -12,6 +12,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
 from .config import UserError, could_not_load
+from .files import damaged_file
 from .model import attention_name
 
 # A model folder holds one of these: save_pretrained's config, or a PEFT adapter's.
@@ -88,7 +89,12 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def load_model(name_or_path: str, **options):
     """(model, tokenizer): load_causal_lm's model and its tokenizer (an adapter folder's own if it saved one,
     else its base model's)."""
-    return load_causal_lm(name_or_path, **options), load_tokenizer(name_or_path)
+    model, tokenizer = load_causal_lm(name_or_path, **options), load_tokenizer(name_or_path)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # an id past the table is an IndexError deep inside the first forward
+        raise UserError(f"model '{name_or_path}': its tokenizer has {len(tokenizer):,} tokens, more than the model's "
+                        f"{rows:,} embeddings; put the tokenizer the model was trained with in its folder")
+    return model, tokenizer
 
 
 def load_causal_lm(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -107,6 +113,9 @@ def load_causal_lm(name_or_path: str, *, device: str | torch.device = "cpu", dty
     options = {"dtype": dtype, "attn_implementation": attention_name(attn_implementation), **config}
     if (path / "adapter_config.json").is_file():
         adapter_base(name_or_path)  # a base that moved is said so, not left to PEFT
+    if path.is_dir() and (damage := damaged_file(path)):  # a run's final/ carries a manifest of its files
+        raise UserError(f"model '{name_or_path}' could not be loaded: {damage}; it was damaged since it was saved; "
+                        "replace the folder with a good copy")
     with could_not_load("model", name_or_path):
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +156,59 @@ def padded_vocab_size(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
+def parameter_count(cfg, vocab_size: int) -> int:
+    """GPT-2's parameters at cfg's shape: embeddings (tokens and positions), per layer attention (4 E^2 + 4 E)
+    and MLP (8 E^2 + 5 E) and two LayerNorms (4 E), the final LayerNorm, and an untied head."""
+    e = cfg.n_embd
+    vocab = cfg.vocab_size or padded_vocab_size(vocab_size)
+    head = 0 if cfg.tie_word_embeddings else vocab * e
+    return vocab * e + cfg.block_size * e + cfg.n_layer * (12 * e * e + 13 * e) + 2 * e + head
+
+
+def training_memory(cfg, vocab_size: int) -> int:
+    """Bytes a training run of cfg's model needs at least: float32 weights, gradients and AdamW's two moments
+    (16 bytes a parameter), and the activations of one micro-batch: 34 bytes a token and unit of width per
+    layer in 16-bit precision (Korthikanti et al. 2022, without the attention scores an sdpa kernel never
+    stores; twice that in float32), and the logits with their gradient unless fused. A lower bound, so that a
+    refusal is certain: allocator slack, the CUDA context and compiled kernels come on top."""
+    tokens = cfg.micro_batch_size * cfg.block_size
+    vocab = cfg.vocab_size or padded_vocab_size(vocab_size)
+    width = 4 if cfg.mixed_precision == "no" else 2  # '' is accelerate's config: maybe 16-bit
+    logits = 0 if cfg.fused_cross_entropy else 2 * width * vocab
+    return 16 * parameter_count(cfg, vocab_size) + tokens * (17 * width * cfg.n_layer * cfg.n_embd + logits)
+
+
+def machine_memory() -> tuple[int, str]:
+    """(bytes, what): the GPU's memory where CUDA is, else the host's RAM (0 where neither can be read)."""
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        return torch.cuda.get_device_properties(index).total_memory, f"GPU {index}'s memory"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+    except (AttributeError, ValueError, OSError):
+        return 0, ""
+
+
+def check_shape(cfg, vocab_size: int) -> None:
+    """A model that cannot be built, or cannot train on this machine, is refused before it is built: a
+    --block_size of 100000000 would otherwise build 19 billion parameters and swap for minutes."""
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"n_embd {cfg.n_embd} is not a multiple of n_head {cfg.n_head} (each head gets n_embd / "
+                        f"n_head dimensions): choose e.g. --n_embd {-(-cfg.n_embd // cfg.n_head) * cfg.n_head}")
+    if cfg.vocab_size and vocab_size and cfg.vocab_size < vocab_size:
+        raise UserError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens: raise it, "
+                        "or set 0 (the tokenizer's size rounded up to a multiple of 64)")
+    need = training_memory(cfg, vocab_size)
+    have, where = machine_memory()
+    if have and need > have:
+        raise UserError(f"the model ({parameter_count(cfg, vocab_size):,} parameters at block_size {cfg.block_size}, "
+                        f"n_embd {cfg.n_embd}, n_layer {cfg.n_layer}) needs about {need / 2**30:,.1f} GiB to train "
+                        f"at micro_batch_size {cfg.micro_batch_size}, more than {where} ({have / 2**30:,.1f} GiB); "
+                        "make it smaller")
+
+
 def build_model(cfg, vocab_size: int, eos_token_id: int) -> GPT2LMHeadModel:
+    check_shape(cfg, vocab_size)
     config = GPT2Config(
         vocab_size=cfg.vocab_size or padded_vocab_size(vocab_size),
         n_positions=cfg.block_size,

@@ -19,7 +19,7 @@ from .loading import context_length, load_causal_lm, load_model, load_tokenizer
 from .lora import (LoraRunConfig, WritingData, add_trigger_token, base_model_name, check_config as check_lora,
                    plan_steps, save_merged, tokenize, wrap_model)
 from .lora_report import LoraReport
-from .model import build_model
+from .model import build_model, check_shape
 from .scoring import add_base_replies, add_to_summary, answer_test_split
 from .sft import SFTConfig, SFTData, check_config as check_sft, resolve_chat_template, with_chat_template
 from .tokenizer import run_tokenizer
@@ -31,6 +31,8 @@ def run_pretrain(cfg: PretrainConfig) -> RunResult | None:
     if cfg.push_to_hub:  # the repo id, the token and the Hub's answer before training, not after it
         check_names(cfg.push_to_hub)
         hub_login(cfg.push_to_hub, missing="--push_to_hub needs a Hugging Face token")
+    # The model's shape and size before the tokenizer (a minute to train) is: with the size it will have, if known.
+    check_shape(cfg, cfg.tokenizer_vocab_size if cfg.tokenizer == "train" else 0)
     accelerator = start_run(cfg)
     data = PretrainData(cfg, tokenizer=None)
     data.tokenizer = run_tokenizer(cfg, accelerator, data)

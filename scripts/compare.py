@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", default="auto",
                    help=f"Comma-separated, from {','.join(TASKS)}. 'auto' (default): the tasks whose data you "
                         "passed as files, plus generate; all of them (data from the Hub) when you passed none.")
-    p.add_argument("--limit", type=int, help="At most N items (documents) per task, for a quick run.")
+    p.add_argument("--limit", type=int, help="At most N items (documents) per task, for a quick run; left out: all.")
     d = p.add_argument_group("data: a local file instead of the Hub dataset lm-eval uses",
                              "The --hellaswag, --lambada and --wikitext files may be compressed (.gz, .xz, .bz2).")
     d.add_argument("--dataset", help=f"Held-out text: a file (.txt is one document; .jsonl/.parquet: --text_column), "
@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main():
     args = parse_args()
+    if args.limit is not None and args.limit < 1:  # 0 would read as no limit at all: the long run, not the quick one
+        raise UserError(f"--limit must be 1 or more (leave it out for every item), not {args.limit}")
     files = {"text": args.dataset, "hellaswag": args.hellaswag, "lambada": args.lambada, "wikitext": args.wikitext}
     tasks = resolve_tasks(args.tasks, files)
     prompts = None

@@ -9,6 +9,7 @@ pipeline("text-generation"); the conversation is kept (oldest turns dropped when
 until /reset. A model without a chat template continues each line as plain text.
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def main():
     args = parse_args()
     if args.max_new_tokens < 1:  # before the model loads (generate_ids refuses it too, later)
         raise UserError(f"--max_new_tokens must be 1 or more, not {args.max_new_tokens}")
+    if not args.greedy and not 0 < args.temperature < math.inf:  # sampling divides the scores by it
+        raise UserError(f"--temperature must be a number above 0, not {args.temperature}; for the most likely token "
+                        "every time, use --greedy")
     set_seed(args.seed)
     model, tokenizer = load_model(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,

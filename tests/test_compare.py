@@ -13,6 +13,7 @@ import json
 import lzma
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,6 +278,51 @@ def test_load_model_errors_are_one_line(tmp_path):
         load_model(str(tmp_path / "notes"))
     with pytest.raises(UserError, match=r"the folder has none of tokenizer.json, tokenizer_config.json, vocab.json$"):
         load_tokenizer(str(tmp_path / "notes"))
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_one_line(tmp_path, tokenizer):
+    """generate.py, compare.py and SFT load through load_model: an id past the embedding table would be an
+    IndexError inside the first forward."""
+    folder = save_model(tmp_path / "model", tokenizer)
+    larger = load_tokenizer(str(folder))
+    larger.add_tokens([f"<extra_{i}>" for i in range(40)])
+    larger.save_pretrained(folder)
+    with pytest.raises(UserError) as error:
+        load_model(str(folder))
+    assert str(error.value) == (f"model '{folder}': its tokenizer has {len(tokenizer) + 40:,} tokens, more than the "
+                                f"model's {len(tokenizer):,} embeddings; put the tokenizer the model was trained with "
+                                "in its folder")
+
+
+@pytest.mark.parametrize("where, message", [
+    ("a file", "FOLDER/taken is a file, not a folder; choose another --output_dir"),
+    pytest.param("read-only", "cannot write in /sys/kernel (Permission denied); choose another --output_dir",
+                 marks=pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="a folder nobody may write in, "
+                                          "root included")),
+])
+def test_compare_checks_its_output_dir_before_scoring(tmp_path, uniform_dir, monkeypatch, where, message):
+    """Not after scoring every model, when the results would be lost."""
+    import hf_gpt.compare as compare_module
+
+    (tmp_path / "taken").write_text("a file")
+    out = tmp_path / "taken" / "report" if where == "a file" else Path("/sys/kernel/report")
+    scored = []
+    monkeypatch.setattr(compare_module, "evaluate_model", lambda *a, **k: scored.append(a))
+    with pytest.raises(UserError) as error:
+        compare_module.compare([str(uniform_dir)], None, out, device="cpu", dtype=torch.float32, batch_size=2)
+    assert str(error.value) == f"--output_dir {out}: " + message.replace("FOLDER", str(tmp_path))
+    assert not scored
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("compare.py", ["MODEL", "--limit", "0"], "--limit must be 1 or more (leave it out for every item), not 0"),
+    ("generate.py", ["MODEL", "--prompt", "x", "--temperature", "0"], "--temperature must be a number above 0, not 0.0"),
+    ("generate.py", ["MODEL", "--prompt", "x", "--temperature", "nan"], "--temperature must be a number above 0, not nan"),
+])
+def test_script_values_are_refused_before_loading(uniform_dir, script, args, message):
+    result = run_script(f"scripts/{script}", *[str(uniform_dir) if a == "MODEL" else a for a in args], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
 
 
 def test_auto_tasks_follow_the_files_given():

@@ -60,6 +60,7 @@ def test_a_recipe_with_a_token_budget_trains_for_it():
     ("sft", ["--test_fraction", "1.5"], "test_fraction must be between 0 and 1, not 1.5"),
     ("lora", ["--block_size", "0"], "block_size must be 1 or more, not 0"),
     ("lora", ["--learning_rate", "nan"], "learning_rate must be 0 or more, not nan"),
+    ("pretrain", ["--learning_rate", "inf"], "learning_rate must be a finite number, not inf"),
     ("pretrain", ["--attn_implementation", "flash"], "attn_implementation must be one of sdpa, eager, "),
     ("pretrain", ["--attn_implementation", "varlen", "--dropout", "0.1"], "varlen has no attention dropout"),
     ("lora", ["--varlen_kernel", "fa3"], "varlen_kernel must be one of auto, torch, fa4, not 'fa3'"),
@@ -209,3 +210,12 @@ def test_a_field_whose_help_lists_its_values_is_enumerated():
     listed = {f.name for cls in recipe_classes() for f in dataclasses.fields(cls)
               if " | " in f.metadata.get("help", "")}
     assert listed and listed <= set(CHOICES)
+
+
+def test_a_binary_config_file_is_one_line(tmp_path):
+    recipe = tmp_path / "model.safetensors"
+    recipe.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    with pytest.raises(UserError) as error:
+        load_config(PretrainConfig, ["--config", str(recipe)])
+    assert str(error.value) == (f"config {recipe}: not a YAML text file (byte 0 is not UTF-8); give a recipe such as "
+                                "configs/default.yaml")

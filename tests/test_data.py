@@ -360,3 +360,35 @@ def test_processes_read_disjoint_documents_of_a_mixture(tmp_path, tokenizer_dir)
     reads = [{source_of(data.tokenizer, d["input_ids"]) for d in data._documents(False, rank, 2)} for rank in (0, 1)]
     everything = {source_of(data.tokenizer, d["input_ids"]) for d in data._documents(False)}
     assert reads[0] and reads[1] and not reads[0] & reads[1] and reads[0] | reads[1] == everything
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("not UTF-8", "undecodable bytes in FOLDER/a.txt (byte 6); fix the file or set data_encoding_errors: replace"),
+    ("binary", "undecodable bytes in FOLDER/a.txt"),
+    ("malformed JSON Lines", "ArrowInvalid: JSON parse error"),
+    ("one long line", "a document of 1,200,000 characters (starting 'word word word word word word word word '), "
+                      "longer than the 1,000,000 a document may have; split it into several"),
+])
+def test_a_file_the_tokenizer_cannot_train_on_is_one_line(tmp_path, kind, message):
+    """With the default tokenizer: train, these files are read first by the tokenizer's training, which said so
+    in a traceback (with a given tokenizer the training data's reader already said it in one line). A document
+    too long to tokenize in bounded memory is refused as LoRA refuses one."""
+    from hf_gpt.tokenizer import train_bpe
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "b.txt" if kind != "malformed JSON Lines" else folder / "b.jsonl").write_text(
+        "fine text\n" * 40 if kind != "malformed JSON Lines" else '{"text": "fine text"}\n')
+    if kind == "not UTF-8":
+        (folder / "a.txt").write_bytes(b"hello \xff\xfe world\n" * 50)
+    elif kind == "binary":
+        (folder / "a.txt").write_bytes(bytes(range(128, 256)) * 40)
+    elif kind == "malformed JSON Lines":
+        (folder / "a.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
+    else:
+        (folder / "a.txt").write_text("word " * 240_000)
+    data = PretrainData(PretrainConfig(dataset=str(folder), val_fraction=0.0), tokenizer=None)
+    with pytest.raises(UserError) as error:
+        train_bpe(data.texts(), vocab_size=300, max_documents=100)
+    assert str(error.value).startswith(f"dataset {folder}: ")
+    assert message.replace("FOLDER", str(folder)) in str(error.value) and "\n" not in str(error.value)

@@ -1,5 +1,6 @@
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from conftest import ROOT, run_script
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
 from hf_gpt.engine import RunResult, checkpoint_dirs, run_length, save_checkpoint, save_final, start_run, train
-from hf_gpt.files import recover_folders
+from hf_gpt.files import damaged_file, recover_folders, write_manifest
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.metrics_log import MetricsLog
 from hf_gpt.model import build_model
@@ -193,6 +194,75 @@ def test_a_checkpoint_without_progress_files_names_the_previous_one(tiny_args, t
                                 f"place in the data); remove it, and --resume then continues from {first}")
 
 
+def flip_bytes(path: Path, at: int = -64) -> None:
+    """Flips a few bytes inside `path` (by default near its end, in the weights, past a safetensors header)."""
+    data = bytearray(path.read_bytes())
+    data[at:at + 4] = bytes(b ^ 0xFF for b in data[at:at + 4])
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_with_flipped_bytes_is_refused_naming_the_file_and_the_previous_one(tiny_args, tmp_path):
+    """Flipped weights would load without a word (the file is still valid safetensors) and train on from there;
+    the manifest saved with the checkpoint catches them, and the checkpoint before is named."""
+    out = tmp_path / "run"
+    common = [*tiny_args, "--max_steps", "6", "--output_dir", str(out)]
+    train_in_process([*common, "--save_every", "2"], lambda data: StopAt(data, 4))
+    first, latest = checkpoint_dirs(out)
+    flip_bytes(latest / "model.safetensors")
+    with pytest.raises(UserError) as error:
+        train_in_process([*common, "--resume"])
+    assert str(error.value) == (f"{latest} is damaged: model.safetensors: its bytes differ from those saved (sha256 "
+                                f"in manifest.json); remove it, and --resume then continues from {first}")
+    shutil.rmtree(latest)  # as the line says: the run goes on from the checkpoint before
+    assert train_in_process([*common, "--resume"]).steps == 6
+
+
+def test_generate_refuses_a_final_folder_with_flipped_bytes(straight_run, tmp_path):
+    final = tmp_path / "final"
+    shutil.copytree(straight_run[0] / "final", final)
+    flip_bytes(final / "model.safetensors")
+    result = run_script("scripts/generate.py", str(final), "--prompt", "def ", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model '{final}' could not be loaded: model.safetensors: its bytes differ from those saved (sha256 in "
+        "manifest.json); it was damaged since it was saved; replace the folder with a good copy")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty optimizer", "another model's weights", "custom pickle"])
+def test_a_damaged_checkpoint_without_a_manifest_is_one_line(finished_run, tmp_path, damage):
+    """Checkpoints saved before manifests still resume; damaged, they are one line, not a traceback."""
+    run, resume = finished_run
+    latest = checkpoint_dirs(run)[-1]
+    (latest / "manifest.json").unlink()
+    weights = latest / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "empty optimizer":
+        (latest / "optimizer.bin").write_bytes(b"")
+    elif damage == "custom pickle":  # accelerate would unpickle it in full; it refuses, and so does this line
+        marker = tmp_path / "marker"
+        torch.save(RunsCode(marker), latest / "custom_checkpoint_0.pkl")
+    else:
+        from safetensors.torch import load_file, save_file
+        save_file({k: torch.cat([v, v]) for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(UserError, match=f"^{latest} could not be loaded \\(.*\\); remove it, and --resume then "):
+        train_in_process(resume)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_checkpoints_of_a_tied_model_save_without_the_shared_tensor_warning(tiny_args, tmp_path, caplog):
+    """accelerate warns at every save that it left lm_head.weight out (it is the token embeddings); the head comes
+    back tied on load, so the line is dropped, and only that one."""
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        train_in_process([*tiny_args, "--max_steps", "2", "--save_every", "1", "--output_dir", str(out)])
+        logging.getLogger("accelerate.utils.other").warning("Removed shared tensor {'a', 'b'} while saving")
+    assert [r.getMessage() for r in caplog.records if "shared tensor" in r.getMessage()] == [
+        "Removed shared tensor {'a', 'b'} while saving"]
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
 def test_a_run_started_before_linear_layout_resumes_in_conv1d_layout(tiny_args, tmp_path):
     """Its checkpoints hold AdamW's moments in Conv1D's layout (its config.yaml has no linear_layout): it resumes in
     that layout and trains on as if uninterrupted."""
@@ -271,7 +341,9 @@ class RunsCode:
 def test_a_checkpoint_that_would_run_code_is_refused(finished_run, tmp_path, name):
     run, resume = finished_run
     marker = tmp_path / "marker"
-    torch.save(RunsCode(marker), sorted((run / "checkpoints").glob("step_*"))[-1] / name)
+    latest = sorted((run / "checkpoints").glob("step_*"))[-1]
+    torch.save(RunsCode(marker), latest / name)
+    write_manifest(latest)  # a manifest is no defence against whoever sent the checkpoint: they write it too
     with pytest.raises(UserError, match="refused as it could run code"):
         train_in_process(resume)
     assert not marker.exists()
@@ -433,6 +505,9 @@ def test_an_existing_run_is_never_overwritten(straight_run):
     (["--micro_batch_size", "0"], "micro_batch_size must be 1 or more, not 0"),
     (["--learning_rate", "abc"], "error: argument --learning_rate: invalid float value: 'abc'"),
     (["--max_steps", "-5", "--tokenizer", "train"], "max_steps must be 0 or more, not -5"),  # not after training a BPE
+    (["--n_embd", "30", "--n_head", "4", "--tokenizer", "train"], "n_embd 30 is not a multiple of n_head 4"),
+    # 19 billion parameters: refused at once, not built and swapped for minutes
+    (["--block_size", "100000000", "--tokenizer", "train"], "needs about"),
 ])
 def test_bad_input_gets_one_clear_line(tiny_args, tmp_path, extra, message):
     recipe = tmp_path / "bad.yaml"
@@ -444,6 +519,8 @@ def test_bad_input_gets_one_clear_line(tiny_args, tmp_path, extra, message):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "usage:" not in result.stderr
+    run = tmp_path / "run"  # a failed start leaves no folder holding only its .lock (the tokenizer it kept, if any)
+    assert not run.exists() or [p.name for p in run.iterdir()] not in ([".lock"], [])
 
 
 def test_push_to_hub_is_checked_before_training(tiny_args, tmp_path):
@@ -529,6 +606,46 @@ def test_a_stopped_launcher_checkpoints_its_run_and_a_second_run_is_refused(tiny
     assert "stopped by signal" in log, log[-3000:]
     assert checkpoint_dirs(out) and not (out / "final").exists()
     assert subprocess.run(["pgrep", "-f", str(out)], capture_output=True).returncode == 1  # no process left
+
+
+SLOW_SAVE = """import os, time
+import torch
+_save = torch.save
+def save(*args, **kwargs):  # a checkpoint that takes longer to write than a launcher would wait by default
+    time.sleep(float(os.environ["SLOW_SAVE"]))
+    return _save(*args, **kwargs)
+torch.save = save
+"""
+
+
+def test_a_launcher_given_the_time_keeps_the_checkpoint_of_a_slow_save(tiny_args, tmp_path):
+    """docs/errors.md: torchrun (what `accelerate launch` runs for several processes) kills the training
+    processes TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds after its SIGTERM; given the time, a save that takes
+    longer than a one-process `accelerate launch` waits (5 s) ends whole."""
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_SAVE)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tmp_path / "slow"), "SLOW_SAVE": "2",
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "1", "scripts/pretrain.py", *tiny_args, "--max_steps", "5000", "--output_dir",
+                                 str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and launcher.poll() is None and not (
+                (out / "metrics.jsonl").exists() and losses(out)):
+            time.sleep(0.1)
+        signalled = time.time()
+        launcher.send_signal(signal.SIGTERM)
+        log = launcher.communicate(timeout=240)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert "stopped by signal" in log, log[-3000:]
+    assert time.time() - signalled > 5
+    (saved,) = checkpoint_dirs(out)
+    assert (saved / "manifest.json").is_file() and damaged_file(saved) is None
 
 
 def test_a_launched_run_ends_on_its_error_line_with_quiet(tiny_args, tmp_path):

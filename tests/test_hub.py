@@ -294,6 +294,17 @@ def test_plain_folder_gets_a_card_without_a_run(runs, tmp_path):
     run_card_code(card, {"me/plain": folder})
 
 
+def test_an_adapter_card_names_no_path_of_its_local_base(runs, tmp_path):
+    """Without --base_model the card cannot link the base, and it names no folder of this machine either."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(runs["adapter"], folder)
+    prepare_folder(read_folder(folder), "me/style")
+    card = (folder / "README.md").read_text()
+    assert 'AutoModelForCausalLM.from_pretrained("path/to/base-model")' in card
+    assert str(runs["base"]) not in card and str(runs["base"]).replace(str(Path.home()), "~") not in card
+    assert str(tmp_path) not in card
+
+
 def test_folder_is_checked_before_anything_is_sent(runs, tmp_path):
     broken = tmp_path / "run" / "final"
     shutil.copytree(runs["final"], broken)

@@ -327,3 +327,19 @@ def test_fa4_matches_pytorch_varlen_kernel_on_gpu():
     for ours, theirs, truth in zip(fa4_kernel, torch_kernel, exact):
         error = ((ours - truth).norm() / truth.norm()).item()
         assert error < 1.25 * ((theirs - truth).norm() / truth.norm()).item() and error < 1e-2, error
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_memory_estimate_counts_the_parameters_the_model_has(tied, monkeypatch):
+    """check_shape estimates from the config alone, before building: its count is the built model's."""
+    from hf_gpt.config import PretrainConfig, UserError
+    from hf_gpt import model as model_module
+
+    cfg = PretrainConfig(n_layer=3, n_head=4, n_embd=48, block_size=40, tie_word_embeddings=tied, micro_batch_size=2)
+    assert model_module.parameter_count(cfg, 300) == model_module.build_model(cfg, 300, 0).num_parameters()
+    need = model_module.training_memory(cfg, 300)
+    assert need > 16 * model_module.parameter_count(cfg, 300)  # and the micro-batch's activations
+    monkeypatch.setattr(model_module, "machine_memory", lambda: (need - 1, "this machine's RAM"))
+    with pytest.raises(UserError, match=r"needs about .* GiB to train at micro_batch_size 2, more than this "
+                                        r"machine's RAM"):
+        model_module.build_model(cfg, 300, 0)
