@@ -312,6 +312,10 @@ class PretrainConfig(TrainConfig):
         "help": "Validation split; empty: a local folder's validation files (validation.parquet, ...), else "
                 "documents held out by hash."})
     val_fraction: float = field(default=0.01, metadata={"help": "Share of documents held out (by hash) for validation."})
+    val_documents: int = field(default=0, metadata={
+        "help": "Validation: the stream's first N documents, left out of training on every process (a streamed "
+                "Hub dataset without a validation split: nothing to filter from the whole stream first); 0: "
+                "documents held out by hash at val_fraction."})
     data_encoding_errors: str = field(default="strict", metadata={"help": "Local text files: strict | replace | ignore."})
     block_size: int = 256
     document_masking: bool = field(default=True, metadata={"help": "Attention stays inside each packed document."})

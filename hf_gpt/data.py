@@ -140,15 +140,37 @@ class DocumentSource:
         return UserError(f"dataset {self.name}: {type(error).__name__}: {error}")
 
 
+def document_digest(text: str) -> int:
+    """A document's 64-bit fingerprint: the same in every run and on every process."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "little")
+
+
 def in_holdout(text: str, fraction: float) -> bool:
     """Deterministic document-level split: the same document is held out in every run and on every process."""
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "little")
-    return h < fraction * 2**64
+    return document_digest(text) < fraction * 2**64
+
+
+def head_digests(source: DocumentSource, count: int) -> frozenset[int]:
+    """The fingerprints of the stream's first `count` documents (validation held out from the head).
+
+    Training leaves them out by fingerprint, not with `IterableDataset.skip`: a skip placed before the
+    files are shuffled stops `datasets` shuffling them, and under `split_dataset_by_node` it skips the
+    first count / shards documents of every shard rather than the head. A fingerprint leaves the head out
+    of every process's share in any order, and a copy of a held-out document elsewhere in the corpus too.
+    """
+    column = source.text_column
+    try:
+        return frozenset(document_digest(ex[column]) for ex in source.load().take(count) if ex.get(column))
+    except UserError:
+        raise
+    except Exception as e:
+        raise source.describe_error(e) from None
 
 
 def tokenized_documents(source: DocumentSource, tokenizer, *, holdout: float, validation: bool,
                         split: str | None = None, process_index: int = 0, num_processes: int = 1,
-                        shuffle_seed: int | None = None) -> IterableDataset:
+                        shuffle_seed: int | None = None, head: int = 0,
+                        held_out: frozenset[int] = frozenset()) -> IterableDataset:
     """A stream of ``{"input_ids": [EOS, ...tokens]}``, one per non-empty document.
 
     With several processes every process reads a different part (whole shards where the count
@@ -157,8 +179,12 @@ def tokenized_documents(source: DocumentSource, tokenizer, *, holdout: float, va
     `datasets`' own shuffle. Its buffer of documents is left at one: `state_dict()` does not save that
     buffer, so a resumed run would skip the documents in it. Documents are mixed after packing instead, by
     PackedBatches' buffer of rows, which a checkpoint saves.
+    head: validation is the stream's first `head` documents, and training leaves out the documents whose
+    fingerprints are `held_out` (head_digests) in place of the hash hold-out.
     """
     ds = source.load(split)
+    if head and validation:
+        ds = ds.take(head)
     if shuffle_seed is not None:  # before the split: every process shuffles alike, then takes its own shards
         ds = ds.shuffle(seed=shuffle_seed, buffer_size=1)
     if num_processes > 1:
@@ -171,6 +197,8 @@ def tokenized_documents(source: DocumentSource, tokenizer, *, holdout: float, va
         except KeyError:
             raise UserError(f"dataset {source.name} has no column '{column}' (it has: {', '.join(batch)}); "
                             "set text_column") from None
+        if head:
+            return [bool(t and t.strip()) and (validation or document_digest(t) not in held_out) for t in texts]
         return [bool(t and t.strip()) and (holdout <= 0 or in_holdout(t, holdout) == validation) for t in texts]
 
     def tokenize(batch):
@@ -370,16 +398,30 @@ class PretrainData:
         self.source = None if self.shards else DocumentSource(
             cfg.dataset, config=cfg.dataset_config, split=cfg.dataset_split, text_column=cfg.text_column,
             encoding_errors=cfg.data_encoding_errors, seed=cfg.seed)
-        # Validation: the named split; else a local folder's own validation files; else documents held out by hash.
-        self.eval_split = cfg.eval_split or ("validation" if self.source and self.source.has_split("validation") else "")
-        self.holdout = 0.0 if self.eval_split else cfg.val_fraction
+        # Validation: the named split; else the stream's first val_documents; else a local folder's own
+        # validation files; else documents held out by hash.
+        self.head = getattr(cfg, "val_documents", 0) if self.source else 0
+        if self.head and cfg.eval_split:
+            raise UserError(f"set eval_split ({cfg.eval_split}) or val_documents ({self.head}), not both")
+        self.eval_split = cfg.eval_split or ("validation" if self.source and not self.head
+                                             and self.source.has_split("validation") else "")
+        self.holdout = 0.0 if self.eval_split or self.head else cfg.val_fraction
+        self._held_out: frozenset[int] | None = None
+
+    @property
+    def held_out(self) -> frozenset[int]:
+        """The fingerprints of the head's documents, read once (val_documents; empty without it)."""
+        if self._held_out is None:
+            self._held_out = head_digests(self.source, self.head) if self.head else frozenset()
+        return self._held_out
 
     def _documents(self, validation: bool, process_index: int = 0, num_processes: int = 1):
         split = self.eval_split if validation and self.eval_split else None
         shuffle = self.cfg.shuffle_rows > 0 and not validation
         return tokenized_documents(self.source, self.tokenizer, holdout=self.holdout, validation=validation,
                                    split=split, process_index=process_index, num_processes=num_processes,
-                                   shuffle_seed=self.cfg.seed if shuffle else None)
+                                   shuffle_seed=self.cfg.seed if shuffle else None, head=self.head,
+                                   held_out=self.held_out if self.head and not validation else frozenset())
 
     def train_batches(self, process_index: int, num_processes: int):
         cfg = self.cfg
@@ -421,6 +463,8 @@ class PretrainData:
     def _empty_validation(self) -> str:
         if self.shards:
             return f"token shards {self.cfg.dataset}: the validation shards hold no tokens; remake them with a larger --val_fraction"
+        if self.head:
+            return f"dataset {self.cfg.dataset}: its first {self.head} documents are empty; raise --val_documents"
         if self.eval_split:
             return (f"dataset {self.cfg.dataset}: its '{self.eval_split}' split has no documents; "
                     "set --eval_split to a split with documents, or --eval_split '' to hold documents out by hash")
@@ -438,8 +482,9 @@ class PretrainData:
     def texts(self):
         """Training documents as text, for training the tokenizer (never the held-out ones)."""
         ds = self.source.load()
-        column, frac = self.cfg.text_column, self.holdout
-        return (ex[column] for ex in ds if ex[column].strip() and not (frac > 0 and in_holdout(ex[column], frac)))
+        column, frac, head = self.cfg.text_column, self.holdout, self.held_out
+        return (ex[column] for ex in ds if ex[column].strip() and not (frac > 0 and in_holdout(ex[column], frac))
+                and document_digest(ex[column]) not in head)
 
 
 class TokenShards:
