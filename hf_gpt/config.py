@@ -129,6 +129,11 @@ class TrainConfig:
                 "seed); the flag alone empties the list."})
     max_new_tokens: int = field(default=48, metadata={
         "help": "New tokens of each generated text: the evaluation samples (and SFT's test replies)."})
+    hellaswag: str = field(default="", metadata={
+        "help": "HellaSwag at every evaluation: a JSON Lines file (.jsonl, .jsonl.xz) with Rowan/hellaswag's fields, "
+                "or Rowan/hellaswag (the Hub dataset's validation split); empty: none."})
+    hellaswag_items: int = field(default=0, metadata={
+        "help": "HellaSwag's first N items at each evaluation; 0: all (10,042 in the validation split)."})
 
     # Names this project used before it had one vocabulary (old -> new): refused with the new name.
     renamed: ClassVar[dict[str, str]] = {"sample_tokens": "max_new_tokens"}

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MethodType
 
+import psutil
 import torch
 import torch.nn.functional as F
 import yaml
@@ -44,13 +45,15 @@ from safetensors import SafetensorError
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from .benchmarks import HellaSwag
 from .config import UserError, changed_fields, first_line, save_config
+from .evaluation import EvalTask, Samples
 from .files import atomic_folder, atomic_write, recover_folders, replace_folder
-from .generation import SAMPLED, generate
 from .metrics_log import MetricsLog
 from .model import (VARLEN_KERNEL_NAMES, causal_lm_loss, document_mask_inputs, linear_layout, qkv_attention,
                     use_varlen_kernel)
 from .optim import build_optimizer, build_scheduler
+from .throughput import duration, flops_per_token, peak_flops, peak_memory_gib
 from .tokenizer import token_byte_lengths
 
 CHECKPOINTS = "checkpoints"
@@ -305,7 +308,7 @@ def load_checkpoint(accelerator, checkpoint: Path, batches) -> dict:
 # follows the new length from the step resumed at) and what it logs, evaluates, saves and publishes.
 # Anything else (data, model, optimizer, precision, seed) would load the checkpoint into another run.
 RESUMABLE = ("max_steps", "max_tokens", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
-             "report_to", "sample_prompts", "max_new_tokens", "push_to_hub")
+             "report_to", "sample_prompts", "max_new_tokens", "hellaswag", "hellaswag_items", "push_to_hub")
 
 
 def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int) -> list[str]:
@@ -569,6 +572,9 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     # Tokens are counted on the device (SFT batches vary in size) and read back on log steps.
     tokens_at_start, new_tokens = tokens, torch.zeros((), dtype=torch.long, device=accelerator.device)
     window_start = started = time.perf_counter()
+    # Per processed token, from the model and the batch's length; with the device's peak (None: unknown) the MFU.
+    flops, peak = flops_per_token(accelerator.unwrap_model(run.model), run.seq_len), peak_flops(accelerator.device)
+    first_step = step + 1
 
     def tokens_now() -> int:
         return tokens_at_start + int(new_tokens.item())
@@ -592,6 +598,11 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
             new_tokens += step_tokens
             step += 1
             bar.update(1)
+            if step == first_step:
+                # From the command to a trained step: what a user waits before the run shows it works.
+                new_tokens.item()  # waits for the step on the GPU, once
+                run.first_step_s = time.time() - psutil.Process().create_time()
+                accelerator.print(f"first step done {run.first_step_s:.1f} s after launch")
 
             if step % cfg.log_every == 0 or step == total_steps:
                 # The only host syncs in the loop, every log_every steps.
@@ -600,10 +611,14 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                 tokens = tokens_now()
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, "tokens": tokens, "loss": loss_value, "lr": lr,
-                       "grad_norm": window_grad_norm.item(), "tokens_per_s": window_tokens / elapsed}
+                       "grad_norm": window_grad_norm.item(), "tokens_per_s": window_tokens / elapsed,
+                       **speed_fields(run, window_tokens / elapsed, flops, peak, step,
+                                      (time.perf_counter() - started) / (step - first_step + 1))}
                 run.metrics.write(row)
-                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
+                accelerator.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}",
+                                mfu="–" if row["mfu"] is None else f"{row['mfu']:.1%}",
+                                mem=f"{row['peak_memory_gib']:.1f}G", eta=duration(row["eta_s"]))
                 check_finite(run)
                 window_loss.zero_()
                 window_steps = 0
@@ -625,6 +640,16 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
             # tokens_per_s measures training: the clock stops while evaluating and saving
             window_start += time.perf_counter() - paused
     return finish(run, progress_now(), started, stopped, final_name, info or {}, mark_final)
+
+
+def speed_fields(run: Run, tokens_per_s: float, flops: float, peak: float | None, step: int,
+                 seconds_per_step: float) -> dict:
+    """The log row's MFU (None where the device's peak is unknown: hf_gpt.throughput.PEAK_FLOPS), peak memory
+    and the time left at the run's pace so far, evaluations and checkpoints included."""
+    processes = run.accelerator.num_processes
+    return {"mfu": tokens_per_s * flops / (peak * processes) if peak else None,
+            "peak_memory_gib": peak_memory_gib(run.accelerator.device),
+            "eta_s": (run.total_steps - step) * seconds_per_step}
 
 
 @dataclass
@@ -652,6 +677,9 @@ class Run:
     progress: dict
     last_eval: dict = field(default_factory=dict)
     eval_seconds: float = 0.0
+    eval_tasks: list[EvalTask] = field(default_factory=list)  # run in turn at every evaluation
+    seq_len: int = 0  # of a training micro-batch
+    first_step_s: float | None = None  # from launch to the end of the first step this process trained
 
 
 def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
@@ -682,6 +710,7 @@ def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
     # Read before anything is built or written, so that an empty or broken validation split stops the
     # run at once, not at its first evaluation.
     eval_set = data.eval_batches(accelerator.process_index, accelerator.num_processes)
+    eval_tasks = evaluation_tasks(cfg, tokenizer, accelerator)
     model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, total_steps)
     # start_run seeded every process alike, so the recipe built the same initial weights (and LoRA
     # adapters) everywhere: DDP broadcasts rank 0's anyway, but FSDP2 keeps each process's own shard.
@@ -705,7 +734,9 @@ def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
     metrics.truncate_after(progress["step"])  # rows a killed run wrote past its last checkpoint
     run = Run(cfg, accelerator, out, tokenizer, model, forward, optimizer, scheduler, batches, eval_set, guard,
               metrics, token_byte_lengths(tokenizer, accelerator.unwrap_model(model).config.vocab_size), accum,
-              tokens_per_step, total_steps, cfg.eval_every or (max(1, round(epoch)) if epoch else 0), progress)
+              tokens_per_step, total_steps, cfg.eval_every or (max(1, round(epoch)) if epoch else 0), progress,
+              eval_tasks=eval_tasks, seq_len=example["input_ids"].shape[1])
+    run.eval_tasks.insert(0, ValidationLoss(run))
     if progress["step"] < total_steps:  # a finished run, resumed, changes nothing
         if main and not resume_from:  # a resumed run keeps the config it was started with
             save_config(cfg, out / "config.yaml")
@@ -716,6 +747,39 @@ def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
                           f"(micro-batch {example['input_ids'].shape[0]} x {example['input_ids'].shape[1]}, "
                           f"accumulation {accum}, processes {accelerator.num_processes})")
     return run
+
+
+class ValidationLoss:
+    """The loop's own evaluation task (hf_gpt.evaluation.EvalTask): loss, perplexity and bits per byte of the
+    validation set, each process its share (`evaluate`)."""
+
+    name = "validation"
+
+    def __init__(self, state: Run):
+        self.state = state
+
+    def run(self, model, accelerator) -> dict:
+        state = self.state
+        return evaluate(model, state.eval_set, state.byte_lengths, state.cfg.attn_implementation, accelerator)
+
+    def report(self, fields: dict) -> str:
+        if "val_loss" not in fields:
+            return ""
+        return f"val_loss {fields['val_loss']:.4f}  ppl {fields['val_ppl']:.2f}  bpb {fields['val_bpb']:.4f}"
+
+
+def evaluation_tasks(cfg, tokenizer, accelerator) -> list[EvalTask]:
+    """What every evaluation measures besides the validation loss, read before anything is built (a missing
+    HellaSwag file stops the run in seconds)."""
+    tasks: list[EvalTask] = []
+    if cfg.hellaswag:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise UserError("hellaswag is not scored under FSDP (processes score shares of different lengths); "
+                            "score the final model with scripts/compare.py --hellaswag")
+        tasks.append(HellaSwag(cfg.hellaswag, tokenizer, items=cfg.hellaswag_items, batch_size=cfg.micro_batch_size))
+    if cfg.sample_prompts:
+        tasks.append(Samples(tokenizer, cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    return tasks
 
 
 def run_length(cfg, tokens_per_step: int, steps_per_epoch: float | None) -> int:
@@ -742,28 +806,31 @@ def check_finite(run: Run) -> None:
 
 
 def evaluate_and_log(run: Run, step: int, tokens: int) -> None:
-    """Validation loss, perplexity and bits per byte (and the samples of cfg.sample_prompts) at `step`, into
+    """Every evaluation task of the run (validation loss, HellaSwag, samples) at `step`, each timed, into
     metrics.jsonl, the trackers and the console."""
-    cfg, accelerator = run.cfg, run.accelerator
+    accelerator = run.accelerator
     check_finite(run)
     began = time.perf_counter()
     model = accelerator.unwrap_model(run.model)
-    run.last_eval = evaluate(model, run.eval_set, run.byte_lengths, cfg.attn_implementation, accelerator)
-    row = {"step": step, "tokens": tokens, **run.last_eval}
-    # A sharded (FSDP) model generates on every process together: each forward gathers the weights from all.
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    if cfg.sample_prompts and (accelerator.is_main_process or sharded):
-        samples = generate(model, run.tokenizer, cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens,
-                           seed=cfg.seed, synced_gpus=sharded, **SAMPLED)
-        if accelerator.is_main_process:
-            row["samples"] = samples
+    was_training = model.training
+    model.eval()
+    row, seconds, lines = {"step": step, "tokens": tokens}, {}, []
+    for task in run.eval_tasks:
+        start = time.perf_counter()
+        fields = task.run(model, accelerator)
+        seconds[task.name] = time.perf_counter() - start
+        row.update(fields)
+        line = task.report(fields)
+        if line:
+            lines.append(line if task.name == "samples" else f"{line}  ({seconds[task.name]:.1f} s)")
+    model.train(was_training)
+    row["eval_seconds"] = seconds
+    # The figures (not the samples' text), for summary.json and the trackers.
+    run.last_eval = {k: v for k, v in row.items() if isinstance(v, float)}
     run.metrics.write(row)
     accelerator.log(run.last_eval, step=step)
     if accelerator.is_main_process and run.last_eval:
-        tqdm.write(f"step {step}: val_loss {run.last_eval['val_loss']:.4f}  ppl {run.last_eval['val_ppl']:.2f}  "
-                   f"bpb {run.last_eval['val_bpb']:.4f}")
-        for prompt, text in zip(cfg.sample_prompts, row.get("samples", [])):
-            tqdm.write(f"  {prompt!r} -> {text!r}")
+        tqdm.write(f"step {step}: " + "\n".join(lines))
     run.eval_seconds += time.perf_counter() - began
 
 
@@ -789,6 +856,7 @@ def finish(run: Run, progress: dict, started: float, stopped: int, final_name: s
     if accelerator.is_main_process:
         summary = run_summary(run.cfg, accelerator, {"steps": step, "tokens": tokens, "wall_time_s": wall,
                                                      "eval_time_s": run.eval_seconds,
+                                                     "first_step_s": run.first_step_s,
                                                      "tokens_per_step": run.tokens_per_step, "eval": run.last_eval},
                               info)
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
