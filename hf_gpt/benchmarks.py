@@ -47,9 +47,10 @@ BENCHMARKS = {
 # What `datasets` decompresses by itself when it builds a dataset from a local file.
 COMPRESSED = (".gz", ".xz", ".bz2")
 
-# Held-out text by default: FineWeb-Edu documents that configs/gpt2-small.yaml holds out by hash
-# (hf_gpt.data.in_holdout), so the home-trained model never saw them.
-DEFAULT_TEXT = {"name": "HuggingFaceFW/fineweb-edu", "config": "sample-10BT", "split": "train", "holdout": 0.0005}
+# Held-out text by default: FineWeb-Edu's first documents, the head of the stream that configs/gpt2-small.yaml
+# holds out (its val_documents, `head` here), so the home-trained model never saw them.
+DEFAULT_TEXT = {"name": "HuggingFaceFW/fineweb-edu", "config": "sample-10BT", "split": "train", "holdout": 0.0,
+                "head": 10_000}
 
 
 def load_benchmark(task: str, file: str | None = None, limit: int | None = None) -> tuple[list[dict], dict]:

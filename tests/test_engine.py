@@ -561,9 +561,11 @@ def test_a_diverging_run_stops_instead_of_saving_nan_weights(tiny_args, tmp_path
     assert not (run / "final").exists()
 
 
-def launch_two(*args, timeout=300):
-    """Two processes on a CPU: torchrun (what `accelerate launch --multi_gpu` runs) with gloo."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+def launch_two(*args, timeout=300, env=None):
+    """Two processes on a CPU: torchrun (what `accelerate launch --multi_gpu` runs) with gloo, in `env` (this
+    process's environment by default)."""
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true",
+           "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
