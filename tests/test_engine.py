@@ -143,8 +143,11 @@ class StopAt:
         return self.data.eval_batches(rank, world)
 
 
+TIMING = ("tokens_per_s", "mfu", "peak_memory_gib", "eta_s", "eval_seconds")
+
+
 def rows_without_timing(run: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in MetricsLog(run / "metrics.jsonl").rows()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in MetricsLog(run / "metrics.jsonl").rows()]
 
 
 def test_a_run_stopped_by_a_signal_between_log_steps_resumes_with_the_same_rows(tiny_args, tmp_path):
