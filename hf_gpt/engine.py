@@ -652,6 +652,33 @@ def speed_fields(run: Run, tokens_per_s: float, flops: float, peak: float | None
             "eta_s": (run.total_steps - step) * seconds_per_step}
 
 
+class ReadAhead:
+    """Training batches whose first was read ahead (set_up takes the batch shape from it) and is served as the
+    first step's, not read again: a stream's first read fills PackedBatches' buffer of rows (2048 x block_size
+    tokens to tokenize), which reading it twice would pay twice before the first step."""
+
+    def __init__(self, batches):
+        self.batches, self.first = batches, next(batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.first is None:
+            return next(self.batches)
+        batch, self.first = self.first, None
+        return batch
+
+    def state_dict(self) -> dict:
+        if self.first is not None:  # a checkpoint always follows a step, which takes the batch read ahead
+            raise RuntimeError("the stream's state was asked for before its first batch was served")
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first = None  # a resumed run reads on from the checkpoint's place
+        self.batches.load_state_dict(state)
+
+
 @dataclass
 class Run:
     """What set_up() prepared for the loop, and where the loop starts: `progress` holds the step, the tokens
@@ -699,9 +726,8 @@ def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
     changes = check_resumable(cfg, out, resume_from, accelerator.num_processes) if resume_from else []
 
     # The batch shape (for the accumulation count) comes from the data itself.
-    peek_state = batches.state_dict()
-    example = next(batches)
-    batches.load_state_dict(peek_state)
+    batches = ReadAhead(batches)
+    example = batches.first
     accum = accumulation_steps(cfg, example["input_ids"].numel(), accelerator.num_processes)
     tokens_per_step = example["input_ids"].numel() * accum * accelerator.num_processes
     # Data of known size (SFT, LoRA) says how many steps a pass over it takes; a streamed corpus cannot.

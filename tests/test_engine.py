@@ -124,7 +124,7 @@ class StopAt:
         self.data, self.step = data, step
 
     def train_batches(self, rank, world):
-        inner, stop_at = self.data.train_batches(rank, world), self.step + 1  # the first read is the shape peek
+        inner, stop_at = self.data.train_batches(rank, world), self.step  # the first read is step 1's (read ahead)
         reads = 0
 
         class Batches:
