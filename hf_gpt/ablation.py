@@ -42,7 +42,7 @@ OWN_FIELDS = ("config", "output_dir", "resume", "seed", "max_steps", "max_tokens
 # for every run may set these, an intervention may not. (Validation is read in block_size windows, and its
 # first eval_batches micro-batches; so those two are held too, see `scored_alike`.)
 SHARED_FIELDS = ("dataset", "dataset_weights", "dataset_config", "dataset_split", "text_column", "eval_split",
-                 "val_fraction", "data_encoding_errors", "tokenizer", "tokenizer_vocab_size",
+                 "val_fraction", "val_documents", "data_encoding_errors", "tokenizer", "tokenizer_vocab_size",
                  "tokenizer_train_documents", "eval_batches", "block_size")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 STACK = "stack"

@@ -78,8 +78,8 @@ def prepare_data(tasks: list[str], *, files: dict[str, str | None], limit: int |
                  max_documents: int = 100, prompts: list[str] | None = None, max_new_tokens: int = 40) -> CompareData:
     """Load every task's data before the first model, so a missing dataset fails in seconds, not after an hour.
 
-    Held-out text: `files["text"]` (a file, folder or Hub id), or FineWeb-Edu's documents held out by
-    configs/gpt2-small.yaml; `val_fraction` None means 0 for the former and that recipe's for the latter.
+    Held-out text: `files["text"]` (a file, folder or Hub id), or FineWeb-Edu's first documents, which
+    configs/gpt2-small.yaml holds out; `val_fraction` None means 0 (no hash hold-out).
     """
     data = CompareData(max_new_tokens=max_new_tokens)
     described: dict[str, dict] = {}
@@ -90,6 +90,9 @@ def prepare_data(tasks: list[str], *, files: dict[str, str | None], limit: int |
         else:
             source = {**DEFAULT_TEXT, **({"holdout": val_fraction} if val_fraction is not None else {})}
         count = min(max_documents, limit) if limit else max_documents
+        if not files.get("text") and not source["holdout"] and count > DEFAULT_TEXT["head"]:
+            raise UserError(f"--max_documents {count}: the default text holds {DEFAULT_TEXT['head']:,} documents "
+                            "that gpt2-small.yaml never trains on; ask for fewer")
         data.texts = text_documents(source["name"], config=source["config"], split=source["split"],
                                     column=text_column, holdout=source["holdout"], limit=count)
         where = ({"file": source["name"]} if Path(source["name"]).exists() else

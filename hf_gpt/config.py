@@ -149,6 +149,11 @@ class TrainConfig:
     stop_at_val_loss: float = field(default=0.0, metadata={
         "help": "End the run at the first evaluation at or under this validation loss; summary.json's time_to_target "
                 "says when (training seconds, evaluation and the first step apart). 0: off."})
+    hellaswag: str = field(default="", metadata={
+        "help": "HellaSwag at every evaluation: a JSON Lines file (.jsonl, .jsonl.xz) with Rowan/hellaswag's fields, "
+                "or Rowan/hellaswag (the Hub dataset's validation split); empty: none."})
+    hellaswag_items: int = field(default=0, metadata={
+        "help": "HellaSwag's first N items at each evaluation; 0: all (10,042 in the validation split)."})
 
     # Names this project used before it had one vocabulary (old -> new): refused with the new name.
     renamed: ClassVar[dict[str, str]] = {"sample_tokens": "max_new_tokens"}
@@ -376,6 +381,10 @@ class PretrainConfig(TrainConfig):
         "help": "Validation split; empty: a local folder's validation files (validation.parquet, ...), else "
                 "documents held out by hash."})
     val_fraction: float = field(default=0.01, metadata={"help": "Share of documents held out (by hash) for validation."})
+    val_documents: int = field(default=0, metadata={
+        "help": "Validation: the stream's first N documents, left out of training on every process (a streamed "
+                "Hub dataset without a validation split: nothing to filter from the whole stream first); 0: "
+                "documents held out by hash at val_fraction."})
     data_encoding_errors: str = field(default="strict", metadata={"help": "Local text files: strict | replace | ignore."})
     block_size: int = 256
     document_masking: bool = field(default=True, metadata={"help": "Attention stays inside each packed document."})

@@ -179,15 +179,37 @@ class Mixture:
         return split_dataset_by_node(ds, rank=process_index, world_size=num_processes) if num_processes > 1 else ds
 
 
+def document_digest(text: str) -> int:
+    """A document's 64-bit fingerprint: the same in every run and on every process."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "little")
+
+
 def in_holdout(text: str, fraction: float) -> bool:
     """Deterministic document-level split: the same document is held out in every run and on every process."""
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "little")
-    return h < fraction * 2**64
+    return document_digest(text) < fraction * 2**64
+
+
+def head_digests(source: DocumentSource, count: int) -> frozenset[int]:
+    """The fingerprints of the stream's first `count` documents (validation held out from the head).
+
+    Training leaves them out by fingerprint, not with `IterableDataset.skip`: a skip placed before the
+    files are shuffled stops `datasets` shuffling them, and under `split_dataset_by_node` it skips the
+    first count / shards documents of every shard rather than the head. A fingerprint leaves the head out
+    of every process's share in any order, and a copy of a held-out document elsewhere in the corpus too.
+    """
+    column = source.text_column
+    try:
+        return frozenset(document_digest(ex[column]) for ex in source.load().take(count) if ex.get(column))
+    except UserError:
+        raise
+    except Exception as e:
+        raise source.describe_error(e) from None
 
 
 def tokenized_documents(source: DocumentSource, tokenizer, *, holdout: float, validation: bool,
                         split: str | None = None, process_index: int = 0, num_processes: int = 1,
-                        shuffle_seed: int | None = None) -> IterableDataset:
+                        shuffle_seed: int | None = None, head: int = 0,
+                        held_out: frozenset[int] = frozenset()) -> IterableDataset:
     """A stream of ``{"input_ids": [EOS, ...tokens]}``, one per non-empty document.
 
     With several processes every process reads a different part (whole shards where the count
@@ -196,8 +218,12 @@ def tokenized_documents(source: DocumentSource, tokenizer, *, holdout: float, va
     `datasets`' own shuffle. Its buffer of documents is left at one: `state_dict()` does not save that
     buffer, so a resumed run would skip the documents in it. Documents are mixed after packing instead, by
     PackedBatches' buffer of rows, which a checkpoint saves.
+    head: validation is the stream's first `head` documents, and training leaves out the documents whose
+    fingerprints are `held_out` (head_digests) in place of the hash hold-out.
     """
     ds = source.load(split)
+    if head and validation:
+        ds = ds.take(head)
     if shuffle_seed is not None:  # before the split: every process shuffles alike, then takes its own shards
         ds = ds.shuffle(seed=shuffle_seed, buffer_size=1)
     if num_processes > 1:
@@ -210,6 +236,9 @@ def tokenized_documents(source: DocumentSource, tokenizer, *, holdout: float, va
         except KeyError:
             raise UserError(f"dataset {source.name} has no column '{column}' (it has: {', '.join(batch)}); "
                             "set text_column") from None
+        if head:
+            return [bool(t and bounded(t, source).strip()) and (validation or document_digest(t) not in held_out)
+                    for t in texts]
         return [bool(t and bounded(t, source).strip()) and (holdout <= 0 or in_holdout(t, holdout) == validation)
                 for t in texts]
 
@@ -416,20 +445,38 @@ class PretrainData:
         self.mixture = Mixture(self.sources, cfg.dataset_weights, seed=cfg.seed,
                                stopping_strategy=cfg.stopping_strategy) if len(self.sources) > 1 else None
         self.source = self.mixture or (self.sources[0] if self.sources else None)  # what errors name
-        # Validation, per source: the named split; else a local folder's own validation files; else documents
-        # held out by hash.
-        self.eval_splits = [cfg.eval_split or ("validation" if s.has_split("validation") else "") for s in self.sources]
-        self.holdouts = [0.0 if split else cfg.val_fraction for split in self.eval_splits]
+        # Validation, per source: the named split; else the stream's first val_documents (one source); else a
+        # local folder's own validation files; else documents held out by hash.
+        self.head = getattr(cfg, "val_documents", 0) if self.sources else 0
+        if self.head and cfg.eval_split:
+            raise UserError(f"set eval_split ({cfg.eval_split}) or val_documents ({self.head}), not both")
+        if self.head and self.mixture:
+            raise UserError(f"val_documents holds out the head of one stream, and dataset {cfg.dataset} mixes "
+                            f"{len(self.sources)}: set val_documents 0 (each source then validates on its own split "
+                            "or hash hold-out)")
+        self.eval_splits = [cfg.eval_split or ("validation" if not self.head and s.has_split("validation") else "")
+                            for s in self.sources]
+        self.holdouts = [0.0 if split or self.head else cfg.val_fraction for split in self.eval_splits]
         self.eval_split, self.holdout = (self.eval_splits[0], self.holdouts[0]) if self.sources else ("", 0.0)
+        self._held_out: frozenset[int] | None = None
+
+    @property
+    def held_out(self) -> frozenset[int]:
+        """The fingerprints of the head's documents, read once (val_documents; empty without it)."""
+        if self._held_out is None:
+            self._held_out = head_digests(self.sources[0], self.head) if self.head else frozenset()
+        return self._held_out
 
     def _documents(self, validation: bool, process_index: int = 0, num_processes: int = 1):
         shuffle = self.cfg.shuffle_rows > 0 and not validation
         own = self.mixture is None  # a mixture is split between processes once mixed (Mixture.mix)
+        held_out = self.held_out if self.head and not validation else frozenset()
         streams = [tokenized_documents(source, self.tokenizer, holdout=holdout, validation=validation,
                                        split=split if validation and split else None,
                                        process_index=process_index if own else 0,
                                        num_processes=num_processes if own else 1,
-                                       shuffle_seed=self.cfg.seed if shuffle else None)
+                                       shuffle_seed=self.cfg.seed if shuffle else None, head=self.head,
+                                       held_out=held_out)
                    for source, split, holdout in zip(self.sources, self.eval_splits, self.holdouts)]
         return self.mixture.mix(streams, validation, process_index, num_processes) if self.mixture else streams[0]
 
@@ -476,6 +523,8 @@ class PretrainData:
                     "--val_fraction or give the sources validation splits")
         if self.shards:
             return f"token shards {self.cfg.dataset}: the validation shards hold no tokens; remake them with a larger --val_fraction"
+        if self.head:
+            return f"dataset {self.cfg.dataset}: its first {self.head} documents are empty; raise --val_documents"
         if self.eval_split:
             return (f"dataset {self.cfg.dataset}: its '{self.eval_split}' split has no documents; "
                     "set --eval_split to a split with documents, or --eval_split '' to hold documents out by hash")
@@ -493,11 +542,12 @@ class PretrainData:
     def texts(self):
         """Training documents as text, for training the tokenizer (never the held-out ones), a mixture's by weight;
         a file that cannot be read is one line, as when the training reads it."""
-        column = self.cfg.text_column
+        column, head = self.cfg.text_column, self.held_out
 
         def kept(source, frac):
             ds = source.load().select_columns([column]) if self.mixture else source.load()
-            return ds.filter(lambda ex: bool(ex[column].strip()) and not (frac > 0 and in_holdout(ex[column], frac)))
+            return ds.filter(lambda ex: bool(ex[column].strip()) and not (frac > 0 and in_holdout(ex[column], frac))
+                             and document_digest(ex[column]) not in head)
 
         streams = [kept(source, frac) for source, frac in zip(self.sources, self.holdouts)]
         source = self.mixture or self.sources[0]

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MethodType
 
+import psutil
 import torch
 import torch.nn.functional as F
 import yaml
@@ -47,13 +48,15 @@ from safetensors import SafetensorError
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from .benchmarks import HellaSwag
 from .config import UserError, changed_fields, first_line, save_config
+from .evaluation import EvalTask, Samples
 from .files import atomic_folder, atomic_write, damaged_file, recover_folders, replace_folder, write_manifest
-from .generation import SAMPLED, generate
 from .metrics_log import MetricsLog
 from .model import (VARLEN_KERNEL_NAMES, causal_lm_loss, document_mask_inputs, linear_layout, qkv_attention,
                     use_varlen_kernel)
 from .optim import build_optimizer, build_scheduler, check_optimizer
+from .throughput import duration, flops_per_token, peak_flops, peak_memory_gib
 from .tokenizer import token_byte_lengths
 
 CHECKPOINTS = "checkpoints"
@@ -339,7 +342,8 @@ def load_checkpoint(accelerator, checkpoint: Path, batches) -> dict:
 # follows the new length from the step resumed at) and what it logs, evaluates, saves and publishes.
 # Anything else (data, model, optimizer, precision, seed) would load the checkpoint into another run.
 RESUMABLE = ("max_steps", "max_tokens", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
-             "report_to", "sample_prompts", "max_new_tokens", "push_to_hub", "stop_at_val_loss")
+             "report_to", "sample_prompts", "max_new_tokens", "hellaswag", "hellaswag_items", "push_to_hub",
+             "stop_at_val_loss")
 
 
 def without_checkpoint(output_dir: Path, checkpoint: Path) -> str:
@@ -634,6 +638,9 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
     # Tokens are counted on the device (SFT batches vary in size) and read back on log steps.
     tokens_at_start, new_tokens = tokens, torch.zeros((), dtype=torch.long, device=accelerator.device)
     window_start = started = time.perf_counter()
+    # Per processed token, from the model and the batch's length; with the device's peak (None: unknown) the MFU.
+    flops, peak = flops_per_token(accelerator.unwrap_model(run.model), run.seq_len), peak_flops(accelerator.device)
+    first_step = step + 1
 
     def tokens_now() -> int:
         return tokens_at_start + int(new_tokens.item())
@@ -659,9 +666,12 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
             step += 1
             bar.update(1)
             if run.train_clock is None:  # this process's first step holds torch.compile's compilation: timed apart
-                loss.item()  # waits for the device
+                loss.item()  # waits for the device, once
                 run.first_step_seconds += time.perf_counter() - started
                 run.train_clock = time.perf_counter()
+                # From the command to a trained step: what a user waits before the run shows it works.
+                run.launch_to_first_step_s = time.time() - psutil.Process().create_time()
+                accelerator.print(f"first step done {run.launch_to_first_step_s:.1f} s after launch")
 
             if step % cfg.log_every == 0 or step == total_steps:
                 # The only host syncs in the loop, every log_every steps.
@@ -670,10 +680,14 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
                 tokens = tokens_now()
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, "tokens": tokens, "loss": loss_value, "lr": lr,
-                       "grad_norm": window_grad_norm.item(), "tokens_per_s": window_tokens / elapsed}
+                       "grad_norm": window_grad_norm.item(), "tokens_per_s": window_tokens / elapsed,
+                       **speed_fields(run, window_tokens / elapsed, flops, peak, step,
+                                      (time.perf_counter() - started) / (step - first_step + 1))}
                 run.metrics.write(row)
-                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
+                accelerator.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}",
+                                mfu="–" if row["mfu"] is None else f"{row['mfu']:.1%}",
+                                mem=f"{row['peak_memory_gib']:.1f}G", eta=duration(row["eta_s"]))
                 check_finite(run)
                 window_loss.zero_()
                 window_steps = 0
@@ -721,6 +735,43 @@ def _lost_process_line(accelerator, out: Path, step):
                         + (f": it starts from {saved[-1]}" if saved else ": no checkpoint was written yet")) from None
 
 
+def speed_fields(run: Run, tokens_per_s: float, flops: float, peak: float | None, step: int,
+                 seconds_per_step: float) -> dict:
+    """The log row's MFU (None where the device's peak is unknown: hf_gpt.throughput.PEAK_FLOPS), peak memory
+    and the time left at the run's pace so far, evaluations and checkpoints included."""
+    processes = run.accelerator.num_processes
+    return {"mfu": tokens_per_s * flops / (peak * processes) if peak else None,
+            "peak_memory_gib": peak_memory_gib(run.accelerator.device),
+            "eta_s": (run.total_steps - step) * seconds_per_step}
+
+
+class ReadAhead:
+    """Training batches whose first was read ahead (set_up takes the batch shape from it) and is served as the
+    first step's, not read again: a stream's first read fills PackedBatches' buffer of rows (2048 x block_size
+    tokens to tokenize), which reading it twice would pay twice before the first step."""
+
+    def __init__(self, batches):
+        self.batches, self.first = batches, next(batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.first is None:
+            return next(self.batches)
+        batch, self.first = self.first, None
+        return batch
+
+    def state_dict(self) -> dict:
+        if self.first is not None:  # a checkpoint always follows a step, which takes the batch read ahead
+            raise RuntimeError("the stream's state was asked for before its first batch was served")
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first = None  # a resumed run reads on from the checkpoint's place
+        self.batches.load_state_dict(state)
+
+
 @dataclass
 class Run:
     """What set_up() prepared for the loop, and where the loop starts: `progress` holds the step, the tokens
@@ -753,6 +804,9 @@ class Run:
     checkpoint_seconds: float = 0.0
     first_step_seconds: float = 0.0
     train_clock: float | None = None
+    eval_tasks: list[EvalTask] = field(default_factory=list)  # run in turn at every evaluation
+    seq_len: int = 0  # of a training micro-batch
+    launch_to_first_step_s: float | None = None  # from launch to the end of the first step this process trained
 
     def train_seconds(self) -> float:
         """Seconds spent training, in every session of the run: evaluation, checkpoints and first steps left out."""
@@ -778,9 +832,8 @@ def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
     changes = check_resumable(cfg, out, resume_from, accelerator.num_processes) if resume_from else []
 
     # The batch shape (for the accumulation count) comes from the data itself.
-    peek_state = batches.state_dict()
-    example = next(batches)
-    batches.load_state_dict(peek_state)
+    batches = ReadAhead(batches)
+    example = batches.first
     accum = accumulation_steps(cfg, example["input_ids"].numel(), accelerator.num_processes)
     tokens_per_step = example["input_ids"].numel() * accum * accelerator.num_processes
     # Data of known size (SFT, LoRA) says how many steps a pass over it takes; a streamed corpus cannot.
@@ -789,6 +842,7 @@ def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
     # Read before anything is built or written, so that an empty or broken validation split stops the
     # run at once, not at its first evaluation.
     eval_set = data.eval_batches(accelerator.process_index, accelerator.num_processes)
+    eval_tasks = evaluation_tasks(cfg, tokenizer, accelerator)
     model, forward, optimizer, scheduler = prepare_training(cfg, model, accelerator, total_steps)
     # start_run seeded every process alike, so the recipe built the same initial weights (and LoRA
     # adapters) everywhere: DDP broadcasts rank 0's anyway, but FSDP2 keeps each process's own shard.
@@ -813,7 +867,9 @@ def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
     run = Run(cfg, accelerator, out, tokenizer, model, forward, optimizer, scheduler, batches, eval_set, guard,
               metrics, token_byte_lengths(tokenizer, accelerator.unwrap_model(model).config.vocab_size), accum,
               tokens_per_step, total_steps, cfg.eval_every or (max(1, round(epoch)) if epoch else 0), progress,
-              first_step_seconds=progress.get("first_step_seconds", 0.0))
+              first_step_seconds=progress.get("first_step_seconds", 0.0), eval_tasks=eval_tasks,
+              seq_len=example["input_ids"].shape[1])
+    run.eval_tasks.insert(0, ValidationLoss(run))
     if progress["step"] < total_steps:  # a finished run, resumed, changes nothing
         if main and not resume_from:  # a resumed run keeps the config it was started with
             save_config(cfg, out / "config.yaml")
@@ -824,6 +880,39 @@ def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
                           f"(micro-batch {example['input_ids'].shape[0]} x {example['input_ids'].shape[1]}, "
                           f"accumulation {accum}, processes {accelerator.num_processes})")
     return run
+
+
+class ValidationLoss:
+    """The loop's own evaluation task (hf_gpt.evaluation.EvalTask): loss, perplexity and bits per byte of the
+    validation set, each process its share (`evaluate`)."""
+
+    name = "validation"
+
+    def __init__(self, state: Run):
+        self.state = state
+
+    def run(self, model, accelerator) -> dict:
+        state = self.state
+        return evaluate(model, state.eval_set, state.byte_lengths, state.cfg.attn_implementation, accelerator)
+
+    def report(self, fields: dict) -> str:
+        if "val_loss" not in fields:
+            return ""
+        return f"val_loss {fields['val_loss']:.4f}  ppl {fields['val_ppl']:.2f}  bpb {fields['val_bpb']:.4f}"
+
+
+def evaluation_tasks(cfg, tokenizer, accelerator) -> list[EvalTask]:
+    """What every evaluation measures besides the validation loss, read before anything is built (a missing
+    HellaSwag file stops the run in seconds)."""
+    tasks: list[EvalTask] = []
+    if cfg.hellaswag:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise UserError("hellaswag is not scored under FSDP (processes score shares of different lengths); "
+                            "score the final model with scripts/compare.py --hellaswag")
+        tasks.append(HellaSwag(cfg.hellaswag, tokenizer, items=cfg.hellaswag_items, batch_size=cfg.micro_batch_size))
+    if cfg.sample_prompts:
+        tasks.append(Samples(tokenizer, cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    return tasks
 
 
 def run_length(cfg, tokens_per_step: int, steps_per_epoch: float | None) -> int:
@@ -850,30 +939,33 @@ def check_finite(run: Run) -> None:
 
 
 def evaluate_and_log(run: Run, step: int, tokens: int) -> None:
-    """Validation loss, perplexity and bits per byte (and the samples of cfg.sample_prompts) at `step`, into
+    """Every evaluation task of the run (validation loss, HellaSwag, samples) at `step`, each timed, into
     metrics.jsonl, the trackers and the console."""
     cfg, accelerator = run.cfg, run.accelerator
     check_finite(run)  # also waits for the device, so that the training clock reads true
     train_seconds = run.train_seconds()
     began = time.perf_counter()
     model = accelerator.unwrap_model(run.model)
-    run.last_eval = evaluate(model, run.eval_set, run.byte_lengths, cfg.attn_implementation, accelerator)
+    was_training = model.training
+    model.eval()
+    row, seconds, lines = {"step": step, "tokens": tokens}, {}, []
+    for task in run.eval_tasks:
+        start = time.perf_counter()
+        fields = task.run(model, accelerator)
+        seconds[task.name] = time.perf_counter() - start
+        row.update(fields)
+        line = task.report(fields)
+        if line:
+            lines.append(line if task.name == "samples" else f"{line}  ({seconds[task.name]:.1f} s)")
+    model.train(was_training)
+    # The figures (not the samples' text), for summary.json and the trackers.
+    run.last_eval = {k: v for k, v in row.items() if isinstance(v, float)}
     run.eval_step = step
-    row = {"step": step, "tokens": tokens, **run.last_eval, "train_s": train_seconds}
-    # A sharded (FSDP) model generates on every process together: each forward gathers the weights from all.
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    if cfg.sample_prompts and (accelerator.is_main_process or sharded):
-        samples = generate(model, run.tokenizer, cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens,
-                           seed=cfg.seed, synced_gpus=sharded, **SAMPLED)
-        if accelerator.is_main_process:
-            row["samples"] = samples
+    row.update(eval_seconds=seconds, train_s=train_seconds)
     run.metrics.write(row)
     accelerator.log(run.last_eval, step=step)
     if accelerator.is_main_process and run.last_eval:
-        tqdm.write(f"step {step}: val_loss {run.last_eval['val_loss']:.4f}  ppl {run.last_eval['val_ppl']:.2f}  "
-                   f"bpb {run.last_eval['val_bpb']:.4f}")
-        for prompt, text in zip(cfg.sample_prompts, row.get("samples", [])):
-            tqdm.write(f"  {prompt!r} -> {text!r}")
+        tqdm.write(f"step {step}: " + "\n".join(lines))
     run.eval_seconds += time.perf_counter() - began
     if cfg.stop_at_val_loss and not run.target and run.last_eval.get("val_loss", math.inf) <= cfg.stop_at_val_loss:
         run.target = {"step": step, "tokens": tokens, "val_loss": run.last_eval["val_loss"], "train_s": train_seconds,
@@ -910,8 +1002,8 @@ def finish(run: Run, progress: dict, started: float, stopped: int, final_name: s
     if accelerator.is_main_process:
         result = {"steps": step, "tokens": tokens, "wall_time_s": wall, "eval_time_s": run.eval_seconds,
                   "train_time_s": train_seconds, "first_step_time_s": run.first_step_seconds,
-                  "checkpoint_time_s": run.checkpoint_seconds, "tokens_per_step": run.tokens_per_step,
-                  "eval": run.last_eval}
+                  "launch_to_first_step_s": run.launch_to_first_step_s, "checkpoint_time_s": run.checkpoint_seconds,
+                  "tokens_per_step": run.tokens_per_step, "eval": run.last_eval}
         if run.cfg.stop_at_val_loss:
             result["time_to_target"] = time_to_target(run)
         summary = run_summary(run.cfg, accelerator, result, info)

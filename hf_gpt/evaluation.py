@@ -1,4 +1,5 @@
-"""Scoring for scripts/compare.py: log-likelihoods of text and of benchmark answers.
+"""Scoring: log-likelihoods of text and of benchmark answers (scripts/compare.py, and the training loop's
+evaluation tasks: `EvalTask`).
 
 Scoring follows EleutherAI's lm-evaluation-harness (its `HFLM` model) step for step, so that the
 numbers agree with it (docs/compare.md shows the check):
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .generation import SAMPLED, generate
 from .loading import context_length
 from .tokenizer import token_byte_lengths
 
@@ -146,3 +149,43 @@ def heldout_loss(model, tokenizer, texts: list[str], *, batch_size: int = 16, de
     scores = load_metric("perplexity_bpb").compute(nll=[-ll for ll in lls], units=[len(t) for t in tokens],
                                                    bytes=nbytes)
     return {"val_loss": scores["loss"], "val_ppl": scores["perplexity"], "val_bpb": scores["bits_per_byte"]}
+
+
+class EvalTask(Protocol):
+    """One measure the training loop takes at every evaluation (hf_gpt.engine.evaluate_and_log runs each in
+    turn and times it): validation loss, HellaSwag, the samples. docs/evaluation.md says how to add one.
+
+    `run` is called on every process, with the model unwrapped and in eval mode, and returns the fields it
+    adds to the metrics row (the same on every process, except main-process-only text such as samples): a
+    task that scores a set gives each process a share (data.process_share or records[index::processes]) and
+    sums the counts with `accelerator.reduce`. `report` is its console line ('' for none).
+    """
+
+    name: str
+
+    def run(self, model, accelerator) -> dict: ...
+
+    def report(self, fields: dict) -> str: ...
+
+
+class Samples:
+    """The continuations of the run's sample prompts, sampled from a fixed seed so that evaluations compare."""
+
+    name = "samples"
+
+    def __init__(self, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int):
+        self.tokenizer, self.prompts, self.max_new_tokens, self.seed = tokenizer, prompts, max_new_tokens, seed
+
+    def run(self, model, accelerator) -> dict:
+        from accelerate import DistributedType
+
+        # A sharded (FSDP) model generates on every process together: each forward gathers the weights from all.
+        sharded = accelerator.distributed_type == DistributedType.FSDP
+        if not (accelerator.is_main_process or sharded):
+            return {}
+        samples = generate(model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens, seed=self.seed,
+                           synced_gpus=sharded, **SAMPLED)
+        return {"samples": samples} if accelerator.is_main_process else {}
+
+    def report(self, fields: dict) -> str:
+        return "\n".join(f"  {prompt!r} -> {text!r}" for prompt, text in zip(self.prompts, fields.get("samples", [])))

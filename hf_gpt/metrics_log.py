@@ -52,7 +52,9 @@ class MetricsLog:
         rows = self.rows()
         train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
         val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        hellaswag = [(r["tokens"], r["hellaswag_acc_norm"]) for r in rows if "hellaswag_acc_norm" in r]
+        fig, axes = plt.subplots(1, 2 if hellaswag else 1, figsize=(12 if hellaswag else 7, 4), squeeze=False)
+        ax = axes[0, 0]
         for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
             if points:
                 ax.plot(*zip(*points), style, label=label)
@@ -60,6 +62,16 @@ class MetricsLog:
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
+        if hellaswag:  # llm.c's chart: HellaSwag against training, OpenAI's GPT-2 as the line to cross
+            from .benchmarks import GPT2_124M_HELLASWAG_ACC_NORM, GPT2_124M_HELLASWAG_LABEL
+
+            ax = axes[0, 1]
+            ax.plot(*zip(*hellaswag), "o-", label="this run")
+            ax.axhline(GPT2_124M_HELLASWAG_ACC_NORM, color="tab:red", linestyle="--", label=GPT2_124M_HELLASWAG_LABEL)
+            ax.set_xlabel("tokens")
+            ax.set_ylabel("HellaSwag acc_norm")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(png, dpi=120)
         plt.close(fig)

@@ -31,6 +31,7 @@ from hf_gpt.config import PretrainConfig, UserError, load_config, run_cli  # noq
 from hf_gpt.data import positions_from_eos  # noqa: E402
 from hf_gpt.engine import FiniteGuard, accumulation_steps, optimizer_step, prepare_training, start_run  # noqa: E402
 from hf_gpt.model import build_model, varlen_kernel  # noqa: E402
+from hf_gpt.throughput import flops_per_token  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # datasheet peak (SXM); the measured matmul ceiling here is ~798
 
@@ -73,12 +74,6 @@ def random_pool(cfg) -> tuple[list[dict], int, int]:
         raise UserError("random data needs --vocab_size")
     eos = min(50256, cfg.vocab_size - 1)  # GPT-2's, or the last id of a smaller vocabulary
     return random_batches(cfg, cfg.vocab_size, eos), cfg.vocab_size, eos
-
-
-def flops_per_token(model, cfg) -> float:
-    """6N for the weights (forward + backward) plus the attention scores, as in the PaLM paper's MFU."""
-    n = sum(p.numel() for p in model.parameters())
-    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
 def data_source(cfg):
@@ -162,7 +157,7 @@ def benchmark_train(cfg) -> dict:
         # per GPU against the reference's one GPU
         "vs_reference": round(tps / accelerator.num_processes / reference, 4) if reference else None,
         "reference_tokens_per_s": round(reference) if reference else None,
-        "mfu_vs_989_tflops": tps * flops_per_token(accelerator.unwrap_model(model), cfg) / (H100_BF16_DENSE_TFLOPS * 1e12)
+        "mfu_vs_989_tflops": tps * flops_per_token(accelerator.unwrap_model(model), cfg.block_size) / (H100_BF16_DENSE_TFLOPS * 1e12)
         / accelerator.num_processes,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "last_loss": loss.item(),

@@ -44,8 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--dataset_split", default="train", help="Split of --dataset on the Hub.")
     d.add_argument("--text_column", default="text")
     d.add_argument("--val_fraction", type=float,
-                   help=f"Only documents held out by hash at this fraction (the model's training val_fraction). "
-                        f"Default: 0 (all) for --dataset, {DEFAULT_TEXT['holdout']} for the default text.")
+                   help="Only documents held out by hash at this fraction (the model's training val_fraction). "
+                        "Default: 0 (all; the default text: its first documents, which gpt2-small.yaml holds out).")
     d.add_argument("--max_documents", type=int, default=100, help="Number of held-out documents.")
     d.add_argument("--hellaswag", help="JSON Lines with Rowan/hellaswag's fields (activity_label, ctx_a, ctx_b, "
                                        "endings, label), or with ctx in place of ctx_a and ctx_b.")

@@ -15,6 +15,15 @@ and `upload_folder` call on the regular (non-Xet) path, the way the Hub does, an
     POST /{repo}.git/info/lfs/objects/verify             LFS verify
     POST /api/models/{repo}/commit/{rev}[?create_pr=1]   ndjson commit: inline base64 files + LFS pointers
 
+and it serves repos that a test lays out (`hub.add_repo`) to the clients that read them, as `load_dataset(...,
+streaming=True)` and `from_pretrained` read the Hub:
+
+    GET  /api/{models,datasets}/{repo}[/revision/{rev}]  repo info: sha, siblings (with sizes), card data
+    GET  /api/{models,datasets}/{repo}/tree/{rev}[/{path}][?recursive=true]   file listing
+    POST /api/{models,datasets}/{repo}/paths-info/{rev}  what each named path is
+    HEAD|GET /[datasets/]{repo}/resolve/{rev}/{path}     a file: ETag, X-Repo-Commit, and ranged reads (206),
+                                                         which is how a Parquet file is streamed
+
 Xet storage is chosen by the client, not offered by the server: huggingface_hub 2.4 uploads through Xet
 whenever the `hf_xet` package is importable, and has no fallback when the Hub does not answer for it. So a
 test that uses this server sets HF_HUB_DISABLE_XET=1, which is the regular path: preupload, LFS batch, PUT,
@@ -51,6 +60,7 @@ def git_blob_oid(content: bytes) -> str:
 @dataclass
 class Repo:
     private: bool
+    kind: str = "model"  # or "dataset"
     refs: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {".gitattributes": GITATTRIBUTES}})
     lfs_paths: set[str] = field(default_factory=set)  # paths committed as LFS pointers
     commits: list[dict] = field(default_factory=list)
@@ -74,6 +84,7 @@ class HubStandIn:
         self.lfs: dict[str, bytes] = {}  # sha256 -> content, as PUT to the storage URL
         self.created: list[dict] = []
         self.requests: list[tuple[str, str]] = []  # (method, path) in arrival order
+        self.ranges: list[tuple[str, str]] = []  # (path, Range header) of each ranged read
         self.unhandled: list[tuple[str, str]] = []
         self.max_requests = max_requests
         self.lifetime_s = lifetime_s
@@ -102,6 +113,15 @@ class HubStandIn:
             self.httpd.shutdown()
             self.httpd.server_close()
 
+    def add_repo(self, repo_id: str, files: dict[str, bytes], *, kind: str = "model") -> Repo:
+        """A public repo holding `files` at main, committed once, as a publisher left it."""
+        repo = Repo(private=False, kind=kind)
+        repo.refs["main"].update(files)
+        repo.commits.append({"oid": hashlib.sha1(repo_id.encode()).hexdigest(), "ref": "main", "summary": "add",
+                             "paths": sorted(files)})
+        self.repos[f"{kind}s/{repo_id}" if kind != "model" else repo_id] = repo
+        return repo
+
     def files(self, repo_id: str, ref: str = "main") -> dict[str, bytes]:
         """The content of every file at `ref`, LFS files resolved to what was uploaded."""
         return dict(self.repos[repo_id].refs[ref])
@@ -115,7 +135,11 @@ class _Handler(BaseHTTPRequestHandler):
         ("GET", r"/api/whoami-v2", "whoami"),
         ("POST", r"/api/repos/create", "create_repo"),
         ("POST", r"/api/validate-yaml", "validate_yaml"),
-        ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?", "repo_info"),
+        ("GET", r"/api/(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?", "repo_info"),
+        ("GET", r"/api/(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?", "tree"),
+        ("POST", r"/api/(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<rev>[^/]+)", "paths_info"),
+        ("GET", r"/(?P<kind>datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
+        ("HEAD", r"/(?P<kind>datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
         ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>[^/]+)", "create_branch"),
         ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)", "preupload"),
         ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)", "commit"),
@@ -136,6 +160,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self):
         self._dispatch("PUT")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
 
     # --- plumbing ---------------------------------------------------------------------------------------
 
@@ -246,13 +273,93 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.repos[repo_id] = Repo(private=payload.get("visibility") == "private")
         self._send(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id, "id": uuid.uuid4().hex[:24]})
 
-    def repo_info(self, repo, rev="main"):
-        found = self._repo_for(repo, write=False)
-        if found is None or (files := self._ref(found, rev)) is None:
-            return
+    def _read(self, kind: str, repo: str, rev: str) -> tuple[Repo, dict[str, bytes], str] | None:
+        """A repo's files at `rev` (a branch or a commit sha) and that commit's sha; else the Hub's 404 is sent."""
+        found = self._repo_for(repo if kind.rstrip("/") in ("", "models") else f"datasets/{repo}", write=False)
+        if found is None:
+            return None
         sha = found.commits[-1]["oid"] if found.commits else "0" * 40
+        files = self._ref(found, "main" if rev == sha else rev)
+        return None if files is None else (found, files, sha)
+
+    @staticmethod
+    def _entry(path: str, content: bytes) -> dict:
+        return {"type": "file", "path": path, "size": len(content), "oid": git_blob_oid(content)}
+
+    def repo_info(self, repo, rev="main", kind="models"):
+        if (read := self._read(kind, repo, rev)) is None:
+            return
+        found, files, sha = read
+        card = {}
+        if kind == "datasets" and (readme := files.get("README.md", b"").decode()).startswith("---"):
+            card = yaml.safe_load(readme.split("---")[1]) or {}
         self._send(200, {"id": repo, "author": repo.split("/")[0], "sha": sha, "private": found.private,
-                         "siblings": [{"rfilename": p} for p in sorted(files)]})
+                         "siblings": [{"rfilename": p, "size": len(c)} for p, c in sorted(files.items())],
+                         **({"cardData": card} if card else {})})
+
+    def tree(self, kind, repo, rev, path=""):
+        if (read := self._read(kind, repo, rev)) is None:
+            return
+        files, prefix = read[1], path.strip("/") + "/" if path.strip("/") else ""
+        recursive = self.query.get("recursive") == ["true"] or self.query.get("recursive") == ["True"]
+        entries, folders = [], set()
+        for p, content in sorted(files.items()):
+            if not p.startswith(prefix):
+                continue
+            rest = p[len(prefix):]
+            parts = rest.split("/")
+            for depth in range(1, len(parts) if recursive else min(2, len(parts))):
+                folders.add(prefix + "/".join(parts[:depth]))
+            if recursive or len(parts) == 1:
+                entries.append(self._entry(p, content))
+        if prefix and not entries and not folders:
+            return self._error(404, f"{path} does not exist on {rev}", "EntryNotFound")
+        entries += [{"type": "directory", "path": f, "oid": git_blob_oid(f.encode())} for f in sorted(folders)]
+        self._send(200, entries)
+
+    def paths_info(self, kind, repo, rev):
+        form = parse_qs(self._body().decode())
+        if (read := self._read(kind, repo, rev)) is None:
+            return
+        files, answer = read[1], []
+        for path in form.get("paths", []):
+            if path in files:
+                answer.append(self._entry(path, files[path]))
+            elif any(p.startswith(path.rstrip("/") + "/") for p in files):
+                answer.append({"type": "directory", "path": path, "oid": git_blob_oid(path.encode())})
+        self._send(200, answer)
+
+    def resolve(self, repo, rev, path, kind=""):
+        if (read := self._read(kind, repo, rev)) is None:
+            return
+        files, sha = read[1], read[2]
+        if path not in files:
+            return self._error(404, f"Entry not found: {path}", "EntryNotFound")
+        content = files[path]
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_oid(content)}"', "Accept-Ranges": "bytes"}
+        status, body = 200, content
+        ranged = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+        if ranged:  # a reader of Parquet asks for the footer, then for the row groups it reads
+            self.hub.ranges.append((path, self.headers["Range"]))
+            first, last = ranged.groups()
+            start = int(first) if first else max(0, len(content) - int(last))
+            end = min(int(last), len(content) - 1) if first and last else len(content) - 1
+            if start >= len(content):
+                headers["Content-Range"] = f"bytes */{len(content)}"
+                return self._send_bytes(416, b"", headers)
+            status, body = 206, content[start:end + 1]
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
+        self._send_bytes(status, body, headers)
+
+    def _send_bytes(self, status: int, body: bytes, headers: dict) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def create_branch(self, repo, branch):
         payload = self._json()

@@ -98,6 +98,20 @@ def test_processes_read_disjoint_documents(corpus, tokenizer_dir):
     assert sorted(parts[0] + parts[1]) == sorted(everything)
 
 
+def test_head_validation_is_the_first_documents_and_no_process_trains_on_them(corpus, tokenizer_dir):
+    # The files are read in a new order every epoch and split between processes: the head is still left out.
+    data = make_data(corpus, tokenizer_dir, val_documents=10, shuffle_rows=64)
+    texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    decode = data.tokenizer.decode
+    assert [decode(r["input_ids"][1:]) for r in data._documents(True)] == texts[:10]
+    for processes in (1, 2):
+        trained = [decode(r["input_ids"][1:]) for rank in range(processes)
+                   for r in data._documents(False, rank, processes)]
+        assert sorted(trained) == sorted(texts[10:])
+    with pytest.raises(UserError, match="eval_split .* or val_documents"):
+        make_data(corpus, tokenizer_dir, val_documents=10, eval_split="validation")
+
+
 def test_bad_inputs_have_clear_errors(tmp_path, corpus, tokenizer_dir):
     with pytest.raises(UserError, match="dataset path not found"):
         make_data(tmp_path / "missing", tokenizer_dir)

@@ -125,7 +125,7 @@ class StopAt:
         self.data, self.step = data, step
 
     def train_batches(self, rank, world):
-        inner, stop_at = self.data.train_batches(rank, world), self.step + 1  # the first read is the shape peek
+        inner, stop_at = self.data.train_batches(rank, world), self.step  # the first read is step 1's (read ahead)
         reads = 0
 
         class Batches:
@@ -144,8 +144,11 @@ class StopAt:
         return self.data.eval_batches(rank, world)
 
 
+TIMING = ("tokens_per_s", "mfu", "peak_memory_gib", "eta_s", "eval_seconds", "train_s")
+
+
 def rows_without_timing(run: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "train_s")} for r in MetricsLog(run / "metrics.jsonl").rows()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in MetricsLog(run / "metrics.jsonl").rows()]
 
 
 def test_a_run_stopped_by_a_signal_between_log_steps_resumes_with_the_same_rows(tiny_args, tmp_path):
@@ -678,9 +681,11 @@ def test_a_diverging_run_stops_instead_of_saving_nan_weights(tiny_args, tmp_path
     assert not (run / "final").exists()
 
 
-def launch_two(*args, timeout=300):
-    """Two processes on a CPU: torchrun (what `accelerate launch --multi_gpu` runs) with gloo."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+def launch_two(*args, timeout=300, env=None):
+    """Two processes on a CPU: torchrun (what `accelerate launch --multi_gpu` runs) with gloo, in `env` (this
+    process's environment by default)."""
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true",
+           "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -4,6 +4,7 @@ HF_ENDPOINT points to. What arrived there is compared with the folder byte for b
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 
 from hf_gpt.config import UserError
@@ -95,11 +97,16 @@ def push(endpoint: str, *args, token: str | None = TOKEN, home: Path) -> subproc
     """scripts/push_to_hub.py in a fresh interpreter, configured only through the environment, as a user's.
     HF_HUB_DISABLE_XET: huggingface_hub uploads through Xet whenever hf_xet is installed; the stand-in
     speaks the regular protocol (preupload, LFS batch, PUT, commit)."""
+    return subprocess.run([sys.executable, "scripts/push_to_hub.py", *map(str, args)], cwd=ROOT,
+                          env=hub_env(endpoint, home, token), capture_output=True, text=True, timeout=120)
+
+
+def hub_env(endpoint: str, home: Path, token: str | None = None) -> dict[str, str]:
+    """A user's environment with the Hub at `endpoint` and a cache of its own (nothing offline)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                PYTHONUNBUFFERED="1", **({"HF_TOKEN": token} if token else {}))
-    return subprocess.run([sys.executable, "scripts/push_to_hub.py", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return env
 
 
 def ok(result: subprocess.CompletedProcess) -> str:
@@ -315,3 +322,144 @@ def test_folder_is_checked_before_anything_is_sent(runs, tmp_path):
         read_folder(tmp_path / "run")
     with pytest.raises(UserError, match=r"has no row for"):
         results_row(runs["results"], runs["adapter"])
+
+
+# --- Reading from the Hub: the flagship recipe's data and the comparison's reference model -------------------------
+
+FINEWEB_EDU_README = b"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/*/*
+- config_name: sample-10BT
+  data_files:
+  - split: train
+    path: sample/10BT/*
+---
+# FineWeb-Edu (stand-in)
+"""
+
+
+def fineweb_edu_parquet(texts: list[str], first: int) -> bytes:
+    """FineWeb-Edu's columns, in row groups of 8 documents, as a reader finds them by ranged reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(texts)
+    table = pa.table({
+        "text": texts, "id": [f"<urn:uuid:{first + i:08d}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
+        "url": [f"https://example.org/{first + i}" for i in range(n)], "file_path": ["s3://commoncrawl/x.warc.gz"] * n,
+        "language": ["en"] * n, "language_score": [0.95] * n, "token_count": [len(t.split()) for t in texts],
+        "score": [3.2] * n, "int_score": [3] * n})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=8)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hub_to_read(corpus, tokenizer_dir, tmp_path_factory):
+    """The stand-in serving HuggingFaceFW/fineweb-edu (sample-10BT: the test corpus in two Parquet files; the
+    default config: other documents) and a tiny GPT-2 as openai-community/gpt2."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    dataset = {"README.md": FINEWEB_EDU_README,
+               "sample/10BT/000_00000.parquet": fineweb_edu_parquet(texts[:40], 0),
+               "sample/10BT/001_00000.parquet": fineweb_edu_parquet(texts[40:], 40),
+               "data/CC-MAIN-2024-10/000_00000.parquet": fineweb_edu_parquet(["not the sample"] * 4, 0)}
+    folder = tmp_path_factory.mktemp("gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)  # the same tiny model every time
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tokenizer),
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with HubStandIn({}, max_requests=5000, lifetime_s=900) as server:
+        server.add_repo("HuggingFaceFW/fineweb-edu", dataset, kind="dataset")
+        server.add_repo("openai-community/gpt2", {p.name: p.read_bytes() for p in folder.iterdir()})
+        server.model_folder, server.texts = folder, texts
+        yield server
+    assert server.unhandled == [], f"the clients called endpoints the stand-in lacks: {server.unhandled}"
+
+
+def fineweb_args(tiny_args: list[str], out: Path, *more: str) -> list[str]:
+    """The tiny run on FineWeb-Edu streamed from the stand-in, validated on its first 8 documents."""
+    local = tiny_args[tiny_args.index("--tokenizer"):]  # the test's tokenizer and model; not its corpus
+    return ["scripts/pretrain.py", "--dataset", "HuggingFaceFW/fineweb-edu", "--dataset_config", "sample-10BT",
+            "--val_documents", "8", *local, "--lr_scheduler", "constant", "--warmup_steps", "0",
+            "--output_dir", str(out), *more]
+
+
+def streamed(args: list[str], hub: HubStandIn, home: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=hub_env(hub.url, home), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_streams_fineweb_edu_from_the_hub_starts_in_seconds_and_resumes_exactly(hub_to_read, tiny_args,
+                                                                                         tmp_path):
+    from safetensors.torch import load_file
+
+    home = tmp_path / "home"
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    streamed(fineweb_args(tiny_args, whole, "--max_steps", "4", "--save_every", "2"), hub_to_read, home)
+    summary = json.loads((whole / "summary.json").read_text())
+    assert 0 < summary["launch_to_first_step_s"] <= 60  # launch to the first optimizer step, the stream opened from the Hub
+    # The sample's Parquet files were read by byte ranges; the default config's were never opened.
+    read = {path for path, _ in hub_to_read.ranges}
+    assert {"sample/10BT/000_00000.parquet", "sample/10BT/001_00000.parquet"} <= read
+    assert not any(path.startswith("data/") for path in read)
+
+    # The same run as if it had been killed after its checkpoint at step 2, then resumed.
+    shutil.copytree(whole, halves)
+    for later in ("final", "checkpoints/step_00000004"):
+        shutil.rmtree(halves / later)
+    (halves / "summary.json").unlink()
+    resumed = streamed(fineweb_args(tiny_args, halves, "--max_steps", "4", "--save_every", "2", "--resume"),
+                       hub_to_read, home)
+    assert "resumed from" in resumed.stdout and "step_00000002 at step 2" in resumed.stdout
+    losses = [[(r["step"], r["loss"]) for r in metrics(run) if "loss" in r] for run in (whole, halves)]
+    assert losses[0] == losses[1]
+    expected, weights = (load_file(run / "final" / "model.safetensors") for run in (whole, halves))
+    assert all(torch.equal(expected[k], weights[k]) for k in expected)
+
+
+def test_pretrain_streams_fineweb_edu_on_two_processes_with_hellaswag(hub_to_read, tiny_args, tmp_path):
+    from test_engine import launch_two
+
+    run = tmp_path / "two"
+    hellaswag = ROOT / "tests" / "data" / "hellaswag_val_tiny.jsonl.xz"
+    launch_two(*fineweb_args(tiny_args, run, "--max_steps", "3", "--hellaswag", str(hellaswag)),
+               env=hub_env(hub_to_read.url, tmp_path / "home"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and 0 < summary["launch_to_first_step_s"] <= 60
+    [last] = [r for r in metrics(run) if "val_loss" in r]
+    # Each process scored half of the 8 items, and the counts were summed: a share of 8.
+    assert last["hellaswag_acc_norm"] * 8 == round(last["hellaswag_acc_norm"] * 8)
+
+
+def test_compare_downloads_openai_gpt2_from_the_hub_and_scores_it(hub_to_read, tmp_path):
+    from hf_gpt.benchmarks import load_benchmark, run_hellaswag
+    from hf_gpt.evaluation import heldout_loss
+    from hf_gpt.loading import load_model
+
+    hellaswag = ROOT / "tests" / "data" / "hellaswag_val_tiny.jsonl.xz"
+    out = tmp_path / "cmp"
+    result = subprocess.run([sys.executable, "scripts/compare.py", "openai-community/gpt2", "--tasks", "text,hellaswag",
+                             "--hellaswag", str(hellaswag), "--max_documents", "5", "--output_dir", str(out)],
+                            cwd=ROOT, env=hub_env(hub_to_read.url, tmp_path / "home"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    scores = json.loads((out / "results.json").read_text())["models"]["openai-community/gpt2"]
+    # The same figures as the model scored here from the folder it was published from: what was downloaded is it,
+    # and the default held-out text is FineWeb-Edu's first documents, the head gpt2-small.yaml holds out.
+    model, tokenizer = load_model(str(hub_to_read.model_folder))
+    expected = {**heldout_loss(model, tokenizer, hub_to_read.texts[:5]),
+                **run_hellaswag(model, tokenizer, load_benchmark("hellaswag", str(hellaswag))[0])}
+    assert {k: scores[k] for k in expected} == pytest.approx(expected)

@@ -13,13 +13,15 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import run_script
+from conftest import ROOT, run_script
+from hf_gpt.benchmarks import load_benchmark, run_hellaswag
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
 from hf_gpt.engine import checkpoint_dirs, evaluate, start_run, train
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.model import build_model
 from hf_gpt.optim import build_optimizer, build_scheduler
+from hf_gpt.throughput import flops_per_token, peak_flops
 from test_engine import in_process_run, launch_two, losses
 
 
@@ -288,3 +290,45 @@ def test_training_forward_returns_detached_logits_inside_the_compiled_graph():
         torch.testing.assert_close(a.grad, b.grad, msg=name)
     assert compiled(input_ids=ids, use_cache=False).logits.requires_grad  # no loss: the logits are the output
     assert model.eval()(input_ids=ids, labels=ids).logits.requires_grad
+
+
+HELLASWAG = ROOT / "tests" / "data" / "hellaswag_val_tiny.jsonl.xz"  # Rowan/hellaswag's fields, 8 items
+
+
+def test_hellaswag_is_scored_at_every_evaluation_and_drawn_against_gpt2(tiny_args, tmp_path):
+    run = tmp_path / "hs"
+    in_process_run([*tiny_args, "--max_steps", "4", "--eval_every", "2", "--hellaswag", str(HELLASWAG),
+                    "--hellaswag_items", "6", "--output_dir", str(run)])
+    evals = [r for r in rows(run) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(list(r["eval_seconds"]) == ["validation", "hellaswag", "samples"] for r in evals)
+    # The last evaluation scored the final weights: the same figures as compare.py's scorer gives them.
+    model = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    docs, _ = load_benchmark("hellaswag", str(HELLASWAG), 6)
+    expected = run_hellaswag(model, load_tokenizer(str(run / "final")), docs)
+    assert {k: evals[-1][k] for k in expected} == pytest.approx(expected)
+    assert json.loads((run / "summary.json").read_text())["eval"]["hellaswag_acc_norm"] == evals[-1]["hellaswag_acc_norm"]
+    from PIL import Image
+
+    assert Image.open(run / "loss.png").width == 12 * 120  # the loss panel and the HellaSwag panel beside it
+
+
+def test_each_log_row_carries_speed_memory_and_the_time_left(tiny_args, tmp_path):
+    run = tmp_path / "speed"
+    in_process_run([*tiny_args, "--max_steps", "3", "--output_dir", str(run)])
+    logged = [r for r in rows(run) if "loss" in r]
+    assert [r["mfu"] for r in logged] == [None] * 3  # a CPU has no peak in the table
+    assert all(0.05 < r["peak_memory_gib"] < 64 for r in logged)
+    assert logged[0]["eta_s"] > logged[1]["eta_s"] > logged[2]["eta_s"] == 0
+    assert json.loads((run / "summary.json").read_text())["launch_to_first_step_s"] > 0
+
+
+def test_mfu_counts_gpt2_small_as_nanogpt_and_knows_its_gpus(monkeypatch):
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=128, n_positions=32))
+    weights = sum(p.numel() for p in model.parameters())
+    assert flops_per_token(model, 32) == 6 * weights + 12 * 2 * 64 * 32
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops(torch.device("cuda")) == peak
+    assert peak_flops(torch.device("cpu")) is None

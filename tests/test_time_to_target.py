@@ -4,7 +4,6 @@ target), with evaluation and the first step (compilation) timed apart from train
 import json
 import time
 
-import pytest
 
 from hf_gpt import engine
 from hf_gpt.metrics_log import MetricsLog
