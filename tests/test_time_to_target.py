@@ -4,35 +4,9 @@ target), with evaluation and the first step (compilation) timed apart from train
 import json
 import time
 
-
 from hf_gpt import engine
 from hf_gpt.metrics_log import MetricsLog
 from test_engine import rows_without_timing, train_in_process
-
-
-class SlowFirstBatch:
-    """The first training batch takes `seconds` more to read, as torch.compile makes the first step slower."""
-
-    def __init__(self, data, seconds: float):
-        self.data, self.seconds = data, seconds
-
-    def train_batches(self, rank, world):
-        inner, reads, seconds = self.data.train_batches(rank, world), 0, self.seconds
-
-        class Batches:
-            def __next__(self):
-                nonlocal reads
-                reads += 1
-                if reads == 2:  # the first read is set_up's peek at the batch shape
-                    time.sleep(seconds)
-                return next(inner)
-
-            state_dict, load_state_dict = inner.state_dict, inner.load_state_dict
-
-        return Batches()
-
-    def eval_batches(self, rank, world):
-        return self.data.eval_batches(rank, world)
 
 
 def evals(run) -> list[dict]:
@@ -52,10 +26,20 @@ def test_a_run_stops_at_its_target_and_reports_the_time_to_it(tiny_args, tmp_pat
 
     evaluate = engine.evaluate
     monkeypatch.setattr(engine, "evaluate", slow_evaluate)
+    steps = 0
+
+    def slow_first_step(*args, **kwargs):  # 1 s more, as torch.compile makes the first step slower
+        nonlocal steps
+        steps += 1
+        if steps == 1:
+            time.sleep(1.0)
+        return optimizer_step(*args, **kwargs)
+
+    optimizer_step = engine.optimizer_step
+    monkeypatch.setattr(engine, "optimizer_step", slow_first_step)
     run = tmp_path / "target"
     began = time.perf_counter()
-    result = train_in_process([*common, "--stop_at_val_loss", str(target["val_loss"]), "--output_dir", str(run)],
-                              lambda data: SlowFirstBatch(data, 1.0))
+    result = train_in_process([*common, "--stop_at_val_loss", str(target["val_loss"]), "--output_dir", str(run)])
     wall = time.perf_counter() - began
     assert result.steps == 6 and not result.stopped_early and (run / "final").is_dir()
     # The same run as the whole one up to its target, evaluated once there (not again on the way out).
