@@ -267,8 +267,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data_encoding_errors": ("strict", "replace", "ignore"),
     "overlong": ("truncate", "drop"),
     "stopping_strategy": ("all_exhausted", "first_exhausted", "all_exhausted_without_replacement"),
-    "optimizer": ("adamw", "muon"),  # optim.OPTIMIZERS' names
-    "muon_adjust_lr": ("original", "match_rms_adamw"),  # optim.MUON_SCALINGS
+    "optimizer": ("adamw", "muon"),  # optim.OPTIMIZERS' names (a test holds them equal)
+    "muon_adjust_lr": ("original", "match_rms_adamw"),  # torch.optim.Muon's adjust_lr_fn
 }
 
 

@@ -17,7 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 from transformers.pytorch_utils import Conv1D
 
-from .config import UserError
+from .config import CHOICES, UserError, check_choice
 
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
@@ -119,7 +119,8 @@ class MuonAdamW(torch.optim.AdamW):
             weight, matrix = (p.T, update.T) if group["transposed"] else (p, update)
             p.mul_(1 - lr * decay if keep is None else 1 - lr * decay * keep)
             for block, block_update in zip(weight.chunk(group["blocks"]), matrix.chunk(group["blocks"])):
-                ortho = _zeropower_via_newtonschulz(block_update, (DEFAULT_A, DEFAULT_B, DEFAULT_C), DEFAULT_NS_STEPS, EPS)
+                ortho = _zeropower_via_newtonschulz(block_update, (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+                                                    DEFAULT_NS_STEPS, EPS)
                 rate = _adjust_lr(lr, group["adjust_lr_fn"], block_update.shape)
                 if keep is None:
                     block.add_(ortho, alpha=-rate)  # in place through the view: torch.optim.Muon's own arithmetic
@@ -152,15 +153,14 @@ def build_muon(model: nn.Module, cfg) -> MuonAdamW:
 
 # Optimizers by name (the `optimizer` field): each builds one torch optimizer for a model from the run's config.
 OPTIMIZERS = {"adamw": build_adamw, "muon": build_muon}
-MUON_SCALINGS = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
+MUON_SCALINGS = CHOICES["muon_adjust_lr"]  # torch.optim.Muon's adjust_lr_fn, checked with the other enumerated fields
 
 
 def check_optimizer(cfg, distributed_type=None) -> None:
     """The optimizer's settings, before anything is built."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
-    if cfg.optimizer == "muon" and cfg.muon_adjust_lr not in MUON_SCALINGS:
-        raise UserError(f"muon_adjust_lr must be one of {', '.join(MUON_SCALINGS)}, not {cfg.muon_adjust_lr!r}")
+    check_choice("optimizer", cfg.optimizer)  # config.check's rule, for configs built in code as well
+    if cfg.optimizer == "muon":
+        check_choice("muon_adjust_lr", cfg.muon_adjust_lr)
     if cfg.optimizer == "muon" and distributed_type == DistributedType.FSDP:
         raise UserError("optimizer muon does not run under FSDP: Muon orthogonalises each whole matrix and FSDP "
                         "gives each process a slice of it; use DDP (configs/accelerate/ddp.yaml) or --optimizer adamw")
