@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The English results of docs/results/README.md and docs/results/english/, on a machine with two GPUs: the corrected
 # recipe (configs/english-124m.yaml) and the seed article's (configs/seed-3090.yaml pointed at the same
-# corpus, the same token budget) trained side by side, one GPU each; then the benchmark of the same
-# settings, SFT and LoRA of the corrected base, and both bases through scripts/compare.py.
+# corpus, the same token budget) trained side by side, one GPU each; then SFT and LoRA of the corrected base,
+# both bases through scripts/compare.py, and last the benchmark of the corrected run's settings.
 #
 #   data/ laid out as docs/results/english/README.md (The data) says: english/, gpt2-tokenizer/,
 #   instruction-data.json, eval/{hellaswag_val.jsonl.xz,lambada_test.jsonl,wiki.test.raw}, verdict/the-verdict.txt; then
@@ -18,9 +18,6 @@ corrected() {
   export CUDA_VISIBLE_DEVICES=0
   step pretrain corrected
   $L scripts/pretrain.py --config configs/english-124m.yaml --output_dir runs/english-124m
-  step benchmark, the same settings: real data, then random tokens
-  python3 scripts/benchmark.py --config configs/english-124m.yaml --benchmark_data config --output_dir /tmp/bench-config
-  python3 scripts/benchmark.py --config configs/english-124m.yaml --benchmark_data random --output_dir /tmp/bench-random
   step sft
   # The recipe in bf16; if it diverges (the engine stops with one line), once more in float32.
   $L scripts/sft.py --config configs/sft.yaml --model runs/english-124m/final --dataset data/instruction-data.json \
@@ -56,5 +53,13 @@ CUDA_VISIBLE_DEVICES=0 python3 scripts/compare.py "${models[@]}" \
     --dataset data/english/validation.parquet --max_documents 1000 --hellaswag data/eval/hellaswag_val.jsonl.xz \
     --lambada data/eval/lambada_test.jsonl --wikitext data/eval/wiki.test.raw --batch_size 32 \
     --output_dir "$R/compare" > "$R/compare.log" 2>&1
+# Last, as the least needed: the benchmark of the corrected run's settings, to set its tokens/s beside.
+if [ -d runs/english-124m/final ]; then
+  step benchmark, the same settings: real data, then random tokens >> "$R/corrected.log"
+  python3 scripts/benchmark.py --config configs/english-124m.yaml --benchmark_data config --output_dir /tmp/bench-config \
+    >> "$R/corrected.log" 2>&1
+  python3 scripts/benchmark.py --config configs/english-124m.yaml --benchmark_data random --output_dir /tmp/bench-random \
+    >> "$R/corrected.log" 2>&1
+fi
 step done >> "$R/corrected.log"
 touch "$R/DONE"

@@ -11,6 +11,8 @@
 #   bash scripts/mixing_bench.sh runs/mixing seed:3 plain:2 # parity's three runs with seed 3; the plain loop with seed 2
 #   ENGINE_FLAGS='--shuffle_rows 32768' bash scripts/mixing_bench.sh runs/big engine:2 engine:3
 #                                                           # the engine's two runs with seeds 2 and 3, a flag changed
+#   bash scripts/mixing_bench.sh runs/mask plainmask:0 flex:2   # the plain loop with document masking of its own
+#                                                           # (seed 0); the engine's masking through flex attention
 #
 # Reads data/english (train-*.parquet + validation.parquet), data/gpt2-tokenizer and data/eval (wiki.test.raw,
 # tinyshakespeare.txt): docs/results/english/README.md says where they come from.
@@ -50,6 +52,15 @@ for what in "${@:2}"; do  # every group's runs side by side
       engine "masking-on-seed$n" --warmup_steps 80 --seed "$n" &
       engine "masking-off-seed$n" --warmup_steps 80 --seed "$n" --document_masking false --attn_implementation sdpa &
       models+=("$out/masking-on-seed$n/final" "$out/masking-off-seed$n/final");;
+    plainmask:*)  # the plain loop with document masking (its own mask, dense, through sdpa)
+      n=${what#plainmask:}
+      python scripts/plain_loop.py data/english data/gpt2-tokenizer --steps 400 --warmup_steps 80 --seed "$n" \
+        --document_masking --output_dir "$out/plain-masking-seed$n" > "$out/plain-masking-seed$n.log" 2>&1 &
+      models+=("$out/plain-masking-seed$n");;
+    flex:*)  # the engine's document masking through flex attention instead of varlen: the mask or the kernel?
+      n=${what#flex:}
+      engine "masking-flex-seed$n" --warmup_steps 80 --seed "$n" --attn_implementation flex_attention &
+      models+=("$out/masking-flex-seed$n/final");;
     plain:*)  # the plain loop alone with another seed
       n=${what#plain:}
       python scripts/plain_loop.py data/english data/gpt2-tokenizer --steps 400 --warmup_steps 80 --seed "$n" \
@@ -58,7 +69,7 @@ for what in "${@:2}"; do  # every group's runs side by side
     warmup)
       for w in 20 40 160; do engine "warmup-$w" --warmup_steps $w & done
       models+=("$out/warmup-20/final" "$out/warmup-40/final" "$out/warmup-160/final");;
-    *) echo "usage: $0 OUT parity|seeds|seed:N|engine:N|plain:N|warmup ..." >&2; exit 2;;
+    *) echo "usage: $0 OUT parity|seeds|seed:N|engine:N|plain:N|plainmask:N|flex:N|warmup ..." >&2; exit 2;;
   esac
 done
 wait
