@@ -16,9 +16,10 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from conftest import ROOT, run_script
+from hf_gpt.checkpoints import checkpoint_dirs, save_checkpoint, save_final
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
-from hf_gpt.engine import RunResult, checkpoint_dirs, run_length, save_checkpoint, save_final, start_run, train
+from hf_gpt.engine import RunResult, run_length, start_run, train
 from hf_gpt.files import damaged_file, recover_folders, write_manifest
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.metrics_log import MetricsLog

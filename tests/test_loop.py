@@ -15,9 +15,10 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT, run_script
 from hf_gpt.benchmarks import load_benchmark, run_hellaswag
+from hf_gpt.checkpoints import checkpoint_dirs
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
-from hf_gpt.engine import checkpoint_dirs, evaluate, start_run, train
+from hf_gpt.engine import evaluate, start_run, train
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.model import build_model
 from hf_gpt.optim import build_optimizer, build_scheduler

@@ -335,9 +335,10 @@ def test_muon_trains_under_bf16_autocast(tiny_args, tmp_path):
 def test_muon_run_stops_at_a_non_finite_gradient_before_it_reaches_the_weights(tiny_args, tmp_path):
     """On a CPU the guard zeroes a bad step's gradients (no fused AdamW): the weights stay finite and the run stops
     at the next check with the line AdamW's runs give."""
+    from hf_gpt.checkpoints import checkpoint_dirs
     from hf_gpt.config import PretrainConfig, UserError, load_config
     from hf_gpt.data import PretrainData
-    from hf_gpt.engine import checkpoint_dirs, start_run, train
+    from hf_gpt.engine import start_run, train
     from hf_gpt.loading import load_tokenizer
     from hf_gpt.model import build_model
 
