@@ -195,7 +195,7 @@ def test_a_fused_adamw_skips_a_non_finite_step_whole():
     gradient: the bad step changes neither weights nor AdamW's state, the next finite step updates."""
     from types import SimpleNamespace
 
-    from hf_gpt.engine import FiniteGuard
+    from hf_gpt.guard import FiniteGuard
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)

@@ -203,7 +203,7 @@ def test_split_qkv_orthogonalises_query_key_and_value_apart():
 def test_muon_skips_a_non_finite_step_whole_on_found_inf():
     """As a fused AdamW does (test_loop): the FiniteGuard sets found_inf, and neither the weights nor the state of
     either part move; the next finite step updates as if the bad one had never been."""
-    from hf_gpt.engine import FiniteGuard
+    from hf_gpt.guard import FiniteGuard
 
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     accelerator = SimpleNamespace(unwrap_model=lambda m: m, scaler=None, device=torch.device("cpu"))
