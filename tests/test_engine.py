@@ -19,11 +19,12 @@ from conftest import ROOT, run_script
 from hf_gpt.checkpoints import checkpoint_dirs, save_checkpoint, save_final
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
-from hf_gpt.engine import RunResult, run_length, start_run, train
+from hf_gpt.engine import RunResult, run_length, train
 from hf_gpt.files import damaged_file, recover_folders, write_manifest
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.metrics_log import MetricsLog
 from hf_gpt.model import build_model
+from hf_gpt.start import start_run
 
 STEPS = 40
 

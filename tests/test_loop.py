@@ -18,10 +18,11 @@ from hf_gpt.benchmarks import load_benchmark, run_hellaswag
 from hf_gpt.checkpoints import checkpoint_dirs
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
-from hf_gpt.engine import evaluate, start_run, train
+from hf_gpt.engine import evaluate, train
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.model import build_model
 from hf_gpt.optim import build_optimizer, build_scheduler
+from hf_gpt.start import start_run
 from hf_gpt.throughput import flops_per_token, peak_flops
 from test_engine import in_process_run, launch_two, losses
 

@@ -338,9 +338,10 @@ def test_muon_run_stops_at_a_non_finite_gradient_before_it_reaches_the_weights(t
     from hf_gpt.checkpoints import checkpoint_dirs
     from hf_gpt.config import PretrainConfig, UserError, load_config
     from hf_gpt.data import PretrainData
-    from hf_gpt.engine import start_run, train
+    from hf_gpt.engine import train
     from hf_gpt.loading import load_tokenizer
     from hf_gpt.model import build_model
+    from hf_gpt.start import start_run
 
     run = tmp_path / "run"
     cfg = load_config(PretrainConfig, [*muon_args(tiny_args), "--max_steps", "8", "--save_every", "2",
