@@ -20,10 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import platform
 import signal
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +42,7 @@ from .config import UserError, first_line, save_config
 from .evaluation import EvalTask, Samples
 from .files import atomic_write, recover_folders
 from .guard import FiniteGuard
-from .metrics_log import MetricsLog
+from .metrics_log import MetricsLog, run_summary
 from .model import causal_lm_loss, document_mask_inputs, linear_layout, qkv_attention
 from .optim import build_optimizer, build_scheduler
 from .throughput import duration, flops_per_token, peak_flops, peak_memory_gib
@@ -144,43 +141,6 @@ class StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def run_summary(cfg, accelerator, result: dict, info: dict) -> dict:
-    import accelerate
-    import datasets
-    import transformers
-
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "accelerate": accelerate.__version__, "datasets": datasets.__version__}
-    with contextlib.suppress(ImportError):
-        import peft
-        versions["peft"] = peft.__version__
-    if torch.cuda.is_available():
-        hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name()}"
-    else:
-        hardware = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {**info, **result, "hardware": hardware, "num_processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision, "versions": versions, **code_version()}
-
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def code_version(root: Path = REPO_ROOT) -> dict:
-    """The commit of the code that ran and whether its checkout had changes (tracked or new files) besides it:
-    None for both outside a git checkout of it (an installed copy) or without git. Never fails a run."""
-    def git(*args) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    top = git("rev-parse", "--show-toplevel")
-    commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == root.resolve() else None
-    status = git("status", "--porcelain") if commit else None
-    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def prepare_training(cfg, model, accelerator, total_steps: int):

@@ -756,7 +756,7 @@ def test_a_process_killed_stops_every_process_with_one_line_and_the_run_resumes_
 def test_summary_records_the_commit_and_whether_the_tree_was_dirty(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from hf_gpt.engine import REPO_ROOT, code_version, run_summary
+    from hf_gpt.metrics_log import REPO_ROOT, code_version, run_summary
 
     def git(*args):
         return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
