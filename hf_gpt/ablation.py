@@ -183,7 +183,7 @@ class Ablation:
 
     def args(self, run: Run) -> list[str]:
         """scripts/pretrain.py's arguments for the run."""
-        from .engine import checkpoint_dirs  # the engine's imports (torch) only once runs are made
+        from .checkpoints import checkpoint_dirs  # its imports (torch) only once runs are made
 
         folder = self.folder(run)
         return self._args(run.overrides, run.seed, folder) + (["--resume"] if checkpoint_dirs(folder) else [])

@@ -17,21 +17,10 @@ Padding goes on the right, where causal attention never sees it, so no padding m
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
-import fcntl
-import importlib.util
 import json
-import logging
 import math
-import os
-import pickle
-import platform
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,26 +29,24 @@ from types import MethodType
 import psutil
 import torch
 import torch.nn.functional as F
-import yaml
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import DistributedDataParallelKwargs, load as accelerate_load, set_seed
+from accelerate.utils import set_seed
 from accelerate.utils.operations import ConvertOutputsToFp32
-from safetensors import SafetensorError
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .benchmarks import HellaSwag
-from .config import UserError, changed_fields, first_line, save_config
+from .checkpoints import (CHECKPOINTS, check_resumable, checkpoint_dirs, load_checkpoint, save_checkpoint, save_final,
+                          unwritable_as_error)
+from .config import UserError, first_line, save_config
 from .evaluation import EvalTask, Samples
-from .files import atomic_folder, atomic_write, damaged_file, recover_folders, replace_folder, write_manifest
-from .metrics_log import MetricsLog
-from .model import (VARLEN_KERNEL_NAMES, causal_lm_loss, document_mask_inputs, linear_layout, qkv_attention,
-                    use_varlen_kernel)
-from .optim import build_optimizer, build_scheduler, check_optimizer
+from .files import atomic_write, recover_folders
+from .guard import FiniteGuard
+from .metrics_log import MetricsLog, run_summary
+from .model import causal_lm_loss, document_mask_inputs, linear_layout, qkv_attention
+from .optim import build_optimizer, build_scheduler
 from .throughput import duration, flops_per_token, peak_flops, peak_memory_gib
 from .tokenizer import token_byte_lengths
-
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -71,119 +58,6 @@ class RunResult:
     eval: dict
     stopped_early: bool
     stop_signal: int = 0  # the signal that stopped it (SIGINT, SIGTERM), 0 when it was not stopped
-
-
-# DDP all-reduces gradients in buckets (25 MB by default), and under torch.compile dynamo splits the compiled
-# graph at every bucket boundary so that each bucket's all-reduce starts while the backward goes on: ~15
-# graphs for GPT-2 124M in every micro-batch, `no_sync` or not, each boundary a lost fusion and more launches.
-# 100 MB buckets make ~5; gradients kept as views into them skip a copy. Two H100s, measured together
-# (docs/results/throughput.md): x one GPU 1.90 -> 1.93 at 8 micro-batches a step, 1.82 -> 1.85 at one.
-DDP_BUCKETS = DistributedDataParallelKwargs(bucket_cap_mb=100, gradient_as_bucket_view=True)
-
-
-def start_run(cfg) -> Accelerator:
-    """Accelerator, seeds and output-folder checks, before the recipe builds its tokenizer and model."""
-    out = Path(cfg.output_dir)
-    stop_with_launcher()
-    has_checkpoints = any((out / CHECKPOINTS).glob("step_*[0-9]"))
-    if has_checkpoints and not cfg.resume:
-        raise UserError(f"{out} already holds a run with checkpoints; pass --resume to continue it "
-                        "or choose another --output_dir")
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision or None,
-        log_with=cfg.report_to or None,
-        project_dir=str(out),
-        # Our schedule counts optimizer steps; by default Accelerate steps it once per process.
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DDP_BUCKETS],
-    )
-    set_seed(cfg.seed)
-    check_optimizer(cfg, accelerator.distributed_type)
-    if accelerator.device.type == "cpu" and cfg.attn_implementation == "flex_attention":
-        raise UserError("flex_attention trains on GPUs only (no backward on CPU); use --attn_implementation sdpa")
-    if cfg.attn_implementation == "varlen":
-        cuda = accelerator.device.type == "cuda"
-        if cuda and importlib.util.find_spec("torch.nn.attention.varlen") is None:
-            raise UserError(f"varlen attention needs torch 2.10 or later (this is {torch.__version__}); "
-                            "use --attn_implementation flex_attention")
-        kernel = use_varlen_kernel(cfg.varlen_kernel, accelerator.device)
-        if cuda:  # on a CPU, varlen is sdpa with the documents' mask whatever the kernel (tests)
-            accelerator.print(f"varlen attention: {VARLEN_KERNEL_NAMES[kernel]}")
-    if accelerator.device.type == "cpu":
-        # `accelerate launch` pins CPU runs to one thread (OMP_NUM_THREADS=1) unless its config says
-        # otherwise, which halves the default run on a 2-core machine: use the cores this process may
-        # run on, shared between processes.
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cpus // accelerator.num_processes)
-        if threads > torch.get_num_threads():
-            torch.set_num_threads(threads)
-    if cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if accelerator.is_main_process:
-        lock_output_dir(out)
-    return accelerator
-
-
-# Set by `accelerate launch` (every launcher) and by torchrun for the processes they start.
-LAUNCHER_ENV = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def stop_with_launcher() -> None:
-    """Have the kernel send this process SIGTERM when the launcher that started it dies.
-
-    `accelerate launch` with one process waits on its child and dies of SIGTERM without passing it on,
-    which would leave the run training as an orphan (and a `--resume` beside it). With this, StopSignal
-    saves a checkpoint and the run ends. torchrun passes signals on by itself; this covers its agent being
-    killed outright. Only under a launcher: a run started from a shell keeps running when the shell exits
-    (nohup).
-    """
-    if sys.platform == "linux" and any(name in os.environ for name in LAUNCHER_ENV):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-# Locks this process holds, by folder, kept open for its lifetime (tests start several runs in one process).
-_output_locks: dict[Path, object] = {}
-
-
-def lock_output_dir(out: Path) -> None:
-    """Create output_dir and hold an exclusive lock on it: two runs writing one folder would mix their
-    checkpoints and metrics. The kernel drops the lock when the process ends, however it ends, so a
-    killed run never leaves its folder locked."""
-    if out.resolve() in _output_locks:
-        return
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {out} is a file, not a folder")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a+")
-    except OSError as e:
-        raise UserError(f"cannot write in output_dir {out}: {e.strerror}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip()
-        lock.close()
-        raise UserError(f"{out} is in use by another run (process {holder or '?'}); wait for it to end or stop it "
-                        "(kill -TERM saves a checkpoint), or choose another --output_dir") from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    _output_locks[out.resolve()] = lock
-    atexit.register(_remove_if_unused, out, created)
-
-
-def _remove_if_unused(out: Path, created: bool) -> None:
-    """At exit, a run that failed before writing anything leaves no folder holding only its .lock behind (nor
-    the folder, if it made it): the next start, or `ls runs/`, would take it for a run."""
-    with contextlib.suppress(OSError):
-        if [p.name for p in out.iterdir()] == [".lock"]:
-            (out / ".lock").unlink()
-            if created:
-                out.rmdir()
 
 
 def accumulation_steps(cfg, tokens_per_micro_batch: int, num_processes: int) -> int:
@@ -269,184 +143,6 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-class TiedHeadNotice(logging.Filter):
-    """Drops accelerate's "Removed shared tensor {'lm_head.weight'} while saving" line, written at every
-    checkpoint of a model whose head is tied to its token embeddings (GPT-2's default). save_state leaves the
-    alias out of model.safetensors on purpose (safetensors stores no shared tensors) and load_state loads into
-    the same tied parameter, so the line says nothing; accelerate has no switch for it, only its logger's
-    level, which would hide its other warnings too. Any other shared tensor is still reported."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Removed shared tensor {'lm_head.weight'} while saving" not in record.getMessage()
-
-
-logging.getLogger("accelerate.utils.other").addFilter(TiedHeadNotice())
-
-
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    root = output_dir / CHECKPOINTS
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
-
-
-def save_checkpoint(accelerator, output_dir: Path, progress: dict, batches, keep: int) -> Path:
-    """Accelerate's state, and `progress` (step, tokens, ...) with the data stream's position.
-    Written to step_N.tmp, then swapped in: a crash mid-save leaves the previous checkpoint intact."""
-    final = output_dir / CHECKPOINTS / f"step_{progress['step']:08d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    # Each process reads its own part of the stream, so each saves its own position. Plain ints, strings,
-    # lists and dicts only (numpy's RNG state is a dict of ints), so it loads with weights_only=True.
-    torch.save({**progress, "data": batches.state_dict()}, tmp / f"progress_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_manifest(tmp)  # last: it vouches for every file above, checked on --resume
-        replace_folder(tmp, final)
-        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(accelerator, checkpoint: Path, batches) -> dict:
-    """Load a checkpoint into the prepared objects and `batches`, and return its progress, running no code
-    from it: a checkpoint someone sent may hold any pickle.
-
-    Nothing is unpickled beyond tensors, numbers, strings and containers (torch.load with weights_only=True).
-    Accelerate 1.15's load_state already loads that way: the model from safetensors, optimizer.bin,
-    scheduler.bin and random_states_N.pkl through accelerate.utils.load (weights_only=True, plus numpy
-    arrays for the RNG states); custom_checkpoint_N.pkl, the one file it unpickles in full, it refuses
-    unless objects were registered for checkpointing, and we register none. But a random-states file it
-    cannot load it skips with a log line, which would leave the resumed run silently off its dropout
-    stream: so that file is loaded here first, and a refusal is an error.
-    """
-    i = accelerator.process_index
-    try:
-        accelerate_load(checkpoint / f"random_states_{i}.pkl")
-        progress = torch.load(checkpoint / f"progress_{i}.pt", weights_only=True)
-        accelerator.load_state(str(checkpoint))
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{checkpoint} holds a file that is more than tensors and numbers, refused as it could "
-                        f"run code ({first_line(e)})") from None
-    except Exception as e:  # a checkpoint from before manifests: truncated, garbled, of another model, ...
-        raise UserError(f"{checkpoint} could not be loaded ({first_line(e)}); "
-                        f"{without_checkpoint(checkpoint.parent.parent, checkpoint)}") from None
-    batches.load_state_dict(progress.pop("data"))
-    return progress
-
-
-# What a resumed run may change besides output_dir and resume: its length (to extend a run; the schedule
-# follows the new length from the step resumed at) and what it logs, evaluates, saves and publishes.
-# Anything else (data, model, optimizer, precision, seed) would load the checkpoint into another run.
-RESUMABLE = ("max_steps", "max_tokens", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
-             "report_to", "sample_prompts", "max_new_tokens", "hellaswag", "hellaswag_items", "push_to_hub",
-             "stop_at_val_loss")
-
-
-def without_checkpoint(output_dir: Path, checkpoint: Path) -> str:
-    """The way on from a damaged checkpoint: --resume takes the latest, so remove it and the one before serves."""
-    earlier = [c for c in checkpoint_dirs(output_dir) if c.name < checkpoint.name]
-    return f"remove it, and --resume then continues from {earlier[-1]}" if earlier else \
-        "remove it, and --resume then starts from scratch"
-
-
-def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int) -> list[str]:
-    """The changes (`field old -> new`) of RESUMABLE fields from the run's config.yaml; a checkpoint whose files
-    differ from its manifest, other changes, and another number of processes (each saved its place in its own
-    share of the data), are refused. A run started before `linear_layout` existed goes on without it: its
-    checkpoints hold AdamW's moments in Conv1D's layout; one started before `shuffle_rows` reads its data in
-    order to the end, as it began."""
-    saved_by = len(list(checkpoint.glob("progress_*.pt")))
-    if saved_by == 0:
-        # Every process writes one, so none means the folder was damaged (or emptied by hand) after its swap, not
-        # a run of another size.
-        raise UserError(f"{checkpoint} is incomplete or damaged: it holds no progress_*.pt (each process's place in "
-                        f"the data); {without_checkpoint(output_dir, checkpoint)}")
-    damage = damaged_file(checkpoint)
-    if damage:
-        raise UserError(f"{checkpoint} is damaged: {damage}; {without_checkpoint(output_dir, checkpoint)}")
-    if saved_by != num_processes:
-        raise UserError(f"{checkpoint} was saved by {saved_by} processes and this run has {num_processes}; "
-                        f"resume with {saved_by} (each process saved its place in its own share of the data)")
-    saved = output_dir / "config.yaml"
-    saved = yaml.safe_load(saved.read_text()) if saved.exists() else {}
-    if saved and "linear_layout" not in saved:
-        cfg.linear_layout = False
-    if saved and "shuffle_rows" not in saved and hasattr(cfg, "shuffle_rows"):
-        cfg.shuffle_rows = 0
-    changes = changed_fields(saved, cfg)
-    refused = [text for k, text in changes.items() if k not in RESUMABLE]
-    if refused:
-        raise UserError(f"{output_dir} was started with other settings (its config.yaml): {', '.join(refused)}; "
-                        f"--resume may change only {', '.join(RESUMABLE)} (or start another --output_dir)")
-    return list(changes.values())
-
-
-def run_summary(cfg, accelerator, result: dict, info: dict) -> dict:
-    import accelerate
-    import datasets
-    import transformers
-
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "accelerate": accelerate.__version__, "datasets": datasets.__version__}
-    with contextlib.suppress(ImportError):
-        import peft
-        versions["peft"] = peft.__version__
-    if torch.cuda.is_available():
-        hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name()}"
-    else:
-        hardware = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {**info, **result, "hardware": hardware, "num_processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision, "versions": versions, **code_version()}
-
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def code_version(root: Path = REPO_ROOT) -> dict:
-    """The commit of the code that ran and whether its checkout had changes (tracked or new files) besides it:
-    None for both outside a git checkout of it (an installed copy) or without git. Never fails a run."""
-    def git(*args) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    top = git("rev-parse", "--show-toplevel")
-    commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == root.resolve() else None
-    status = git("status", "--porcelain") if commit else None
-    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
-
-
-def save_final(accelerator, model, tokenizer, final_dir: Path, mark=None) -> None:
-    """Hub-format folder, written next to the old one and swapped in, so a failed save loses nothing;
-    `mark(folder)` adds what else belongs in it before the swap."""
-    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards
-    if accelerator.is_main_process:
-        with atomic_folder(final_dir) as tmp:
-            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
-            tokenizer.save_pretrained(tmp)
-            if mark:
-                mark(tmp)
-            write_manifest(tmp)  # loading.load_causal_lm checks it
-    accelerator.wait_for_everyone()
-
-
-@contextlib.contextmanager
-def unwritable_as_error(what: str, folder: Path):
-    """A disk that fills up while saving: one line that says what could not be written and the space left,
-    not a traceback from inside torch.save or safetensors, which report it as errors of their own."""
-    try:
-        yield
-    except (OSError, RuntimeError, SafetensorError) as e:
-        free = shutil.disk_usage(folder).free / 2**20
-        raise UserError(f"could not write {what} in {folder}: {first_line(e)} ({free:,.0f} MiB free there)") from None
-
-
 def prepare_training(cfg, model, accelerator, total_steps: int):
     """Model on its device, the optimizer and the schedule, all through `accelerator.prepare`; plus the
     (optionally compiled) forward the loop calls."""
@@ -497,88 +193,6 @@ def detach_training_logits(model) -> None:
         return output
 
     model.register_forward_hook(hook, with_kwargs=True)
-
-
-class FiniteGuard:
-    """Stops a run whose loss or gradients stop being finite, before a non-finite value reaches the weights.
-
-    One inf gradient is enough: clipping scales every gradient by max_norm / inf = 0 and inf x 0 is NaN,
-    and AdamW writes NaN into every weight. So every step is checked before the optimizer steps, but on
-    the device: reading a flag on the host every step would wait for the GPU and leave its queue empty.
-    A step whose loss or gradient norm (the same on all processes) is not finite is skipped (a fused
-    AdamW's found_inf flag) or has its gradients zeroed (AdamW then only decays its moments): either way
-    the weights stay finite, and the first such step is recorded on the device. The host reads the record where it waits for the GPU anyway: on log
-    steps and before evaluating or saving, so nothing trained after the failure is ever saved.
-    Each micro-batch's loss and accumulated gradients are checked as well (one fused norm per
-    micro-batch), to say where the first non-finite value appeared: by then the step's gradients are gone.
-    """
-
-    def __init__(self, model, accelerator, optimizer=None):
-        self.accelerator = accelerator
-        self.params = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
-        # fp16's gradient scaler overflows gradients on purpose to find its scale, and skips those steps itself.
-        self.check_gradients = accelerator.scaler is None
-        # A fused Adam(W) skips a whole update when its `found_inf` flag (on the device) is set: the flag fp16's
-        # GradScaler uses. One value to write instead of a masked fill per parameter tensor (1% of a step).
-        # optim.MuonAdamW is an AdamW whose Muon groups honour the flag as well.
-        inner = getattr(optimizer, "optimizer", optimizer)
-        self.fused = inner if isinstance(inner, torch.optim.Adam) and inner.defaults.get("fused") else None
-        device = accelerator.device
-        # The first step whose loss or gradient norm is not finite: step, loss, gradient norm.
-        self.failed = torch.full((3,), -1.0, dtype=torch.float64, device=device)
-        # This process's first non-finite micro-batch: step, micro-batch, parameter (-1: only the loss).
-        self.first_bad = torch.full((3,), -1, dtype=torch.long, device=device)
-
-    def _grads(self) -> list[torch.Tensor]:
-        # FSDP2 holds gradients as DTensors: check this process's shard. Before the step's last micro-batch
-        # it may hold none yet (they are materialised when reduced).
-        grads = [p.grad for _, p in self.params]
-        if any(g is None for g in grads):
-            return []
-        return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-
-    def check_micro_batch(self, step: int, index: int, loss: torch.Tensor) -> None:
-        bad = ~torch.isfinite(loss)
-        param = torch.full((), -1, device=loss.device)  # a non-finite loss is named first: it made the gradients so
-        grads = self._grads() if self.check_gradients else []
-        if grads:
-            bad_params = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)))
-            param = torch.where(bad_params.any() & ~bad, bad_params.int().argmax(), param)
-            bad = bad | bad_params.any()
-        here = torch.stack([torch.full_like(param, step), torch.full_like(param, index), param])
-        self.first_bad = torch.where(bad & (self.first_bad[0] < 0), here, self.first_bad)
-
-    def check_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Skips the update of a step whose loss or gradient norm is not finite, and records it."""
-        ok = torch.isfinite(loss)
-        if self.check_gradients:
-            ok = ok & torch.isfinite(grad_norm)
-            if self.fused is not None:
-                self.fused.found_inf = (~ok).float()
-            else:
-                for g in self._grads():
-                    g.masked_fill_(~ok, 0.0)
-        here = torch.stack([torch.full_like(loss, step, dtype=torch.float64), loss.double(), grad_norm.double()])
-        self.failed = torch.where(~ok & (self.failed[0] < 0), here, self.failed)
-
-    def failure(self, accumulation: int, output_dir: Path) -> str | None:
-        """The error line for the first non-finite step so far, if there was one (a host sync)."""
-        step, loss, grad_norm = self.failed.tolist()
-        if step < 0:
-            return None
-        # The failure path: syncs are fine. The micro-batch that went bad first may be another process's.
-        records = [(r[1], process, r[2]) for process, r in enumerate(self.accelerator.gather(self.first_bad[None]).tolist())
-                   if r[0] == step]
-        where = ""
-        if records:
-            micro_batch, process, param = min(records)
-            value = "the loss" if param < 0 else f"the gradient of {self.params[param][0]}"
-            on = f" on process {process}" if self.accelerator.num_processes > 1 else ""
-            where = f"; first non-finite: {value} after micro-batch {micro_batch + 1} of {accumulation}{on}"
-        kept = checkpoint_dirs(output_dir)
-        return (f"training diverged: loss {loss:.6g} at step {int(step)}, gradient norm {grad_norm:.6g}{where}; "
-                f"nothing saved after {kept[-1] if kept else 'the start'}; lower --learning_rate, keep "
-                "--max_grad_norm, or try --mixed_precision no")
 
 
 def optimizer_step(cfg, accelerator, model, forward, optimizer, scheduler, micro_batches: list[dict],

@@ -1,8 +1,13 @@
-"""metrics.jsonl (one JSON object per line) and the loss-curve PNG drawn from it."""
+"""A run's record: metrics.jsonl (one JSON object per line), the loss-curve PNG drawn from it, and what
+summary.json says ran (run_summary: hardware, library versions, the code's commit)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import platform
+import subprocess
 from pathlib import Path
 
 from .config import UserError
@@ -75,3 +80,41 @@ class MetricsLog:
         fig.tight_layout()
         fig.savefig(png, dpi=120)
         plt.close(fig)
+
+
+def run_summary(cfg, accelerator, result: dict, info: dict) -> dict:
+    import accelerate
+    import datasets
+    import torch
+    import transformers
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+    with contextlib.suppress(ImportError):
+        import peft
+        versions["peft"] = peft.__version__
+    if torch.cuda.is_available():
+        hardware = f"{accelerator.num_processes} x {torch.cuda.get_device_name()}"
+    else:
+        hardware = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {**info, **result, "hardware": hardware, "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision, "versions": versions, **code_version()}
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_version(root: Path = REPO_ROOT) -> dict:
+    """The commit of the code that ran and whether its checkout had changes (tracked or new files) besides it:
+    None for both outside a git checkout of it (an installed copy) or without git. Never fails a run."""
+    def git(*args) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == root.resolve() else None
+    status = git("status", "--porcelain") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}

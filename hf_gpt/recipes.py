@@ -13,7 +13,7 @@ from accelerate import PartialState
 
 from .config import PretrainConfig, Stopped, UserError, dataset_names
 from .data import PretrainData
-from .engine import RunResult, start_run, train
+from .engine import RunResult, train
 from .hub import check_names, hub_login, mark_personal, push_folder
 from .loading import context_length, load_causal_lm, load_model, load_tokenizer
 from .lora import (LoraRunConfig, WritingData, add_trigger_token, base_model_name, check_config as check_lora,
@@ -22,6 +22,7 @@ from .lora_report import LoraReport
 from .model import build_model, check_shape
 from .scoring import add_base_replies, add_to_summary, answer_test_split
 from .sft import SFTConfig, SFTData, check_config as check_sft, resolve_chat_template, with_chat_template
+from .start import start_run
 from .tokenizer import run_tokenizer
 from .writing import read_writing, split_documents
 

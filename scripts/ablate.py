@@ -50,7 +50,7 @@ def main():
 
     from tqdm.auto import tqdm
 
-    from hf_gpt.engine import lock_output_dir
+    from hf_gpt.start import lock_output_dir
 
     lock_output_dir(ablation.output_dir)  # two ablations in one folder would run the same runs twice
     runs = list(ablation.runs)

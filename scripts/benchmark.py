@@ -29,8 +29,10 @@ import torch  # noqa: E402
 
 from hf_gpt.config import PretrainConfig, UserError, load_config, run_cli  # noqa: E402
 from hf_gpt.data import positions_from_eos  # noqa: E402
-from hf_gpt.engine import FiniteGuard, accumulation_steps, optimizer_step, prepare_training, start_run  # noqa: E402
+from hf_gpt.engine import accumulation_steps, optimizer_step, prepare_training  # noqa: E402
+from hf_gpt.guard import FiniteGuard  # noqa: E402
 from hf_gpt.model import build_model, varlen_kernel  # noqa: E402
+from hf_gpt.start import start_run  # noqa: E402
 from hf_gpt.throughput import flops_per_token  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # datasheet peak (SXM); the measured matmul ceiling here is ~798

@@ -16,13 +16,15 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from conftest import ROOT, run_script
+from hf_gpt.checkpoints import checkpoint_dirs, save_checkpoint, save_final
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
-from hf_gpt.engine import RunResult, checkpoint_dirs, run_length, save_checkpoint, save_final, start_run, train
+from hf_gpt.engine import RunResult, run_length, train
 from hf_gpt.files import damaged_file, recover_folders, write_manifest
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.metrics_log import MetricsLog
 from hf_gpt.model import build_model
+from hf_gpt.start import start_run
 
 STEPS = 40
 
@@ -754,7 +756,7 @@ def test_a_process_killed_stops_every_process_with_one_line_and_the_run_resumes_
 def test_summary_records_the_commit_and_whether_the_tree_was_dirty(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from hf_gpt.engine import REPO_ROOT, code_version, run_summary
+    from hf_gpt.metrics_log import REPO_ROOT, code_version, run_summary
 
     def git(*args):
         return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],

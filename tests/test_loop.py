@@ -15,12 +15,14 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT, run_script
 from hf_gpt.benchmarks import load_benchmark, run_hellaswag
+from hf_gpt.checkpoints import checkpoint_dirs
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
-from hf_gpt.engine import checkpoint_dirs, evaluate, start_run, train
+from hf_gpt.engine import evaluate, train
 from hf_gpt.loading import load_tokenizer
 from hf_gpt.model import build_model
 from hf_gpt.optim import build_optimizer, build_scheduler
+from hf_gpt.start import start_run
 from hf_gpt.throughput import flops_per_token, peak_flops
 from test_engine import in_process_run, launch_two, losses
 
@@ -194,7 +196,7 @@ def test_a_fused_adamw_skips_a_non_finite_step_whole():
     gradient: the bad step changes neither weights nor AdamW's state, the next finite step updates."""
     from types import SimpleNamespace
 
-    from hf_gpt.engine import FiniteGuard
+    from hf_gpt.guard import FiniteGuard
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)

@@ -203,7 +203,7 @@ def test_split_qkv_orthogonalises_query_key_and_value_apart():
 def test_muon_skips_a_non_finite_step_whole_on_found_inf():
     """As a fused AdamW does (test_loop): the FiniteGuard sets found_inf, and neither the weights nor the state of
     either part move; the next finite step updates as if the bad one had never been."""
-    from hf_gpt.engine import FiniteGuard
+    from hf_gpt.guard import FiniteGuard
 
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     accelerator = SimpleNamespace(unwrap_model=lambda m: m, scaler=None, device=torch.device("cpu"))
@@ -335,11 +335,13 @@ def test_muon_trains_under_bf16_autocast(tiny_args, tmp_path):
 def test_muon_run_stops_at_a_non_finite_gradient_before_it_reaches_the_weights(tiny_args, tmp_path):
     """On a CPU the guard zeroes a bad step's gradients (no fused AdamW): the weights stay finite and the run stops
     at the next check with the line AdamW's runs give."""
+    from hf_gpt.checkpoints import checkpoint_dirs
     from hf_gpt.config import PretrainConfig, UserError, load_config
     from hf_gpt.data import PretrainData
-    from hf_gpt.engine import checkpoint_dirs, start_run, train
+    from hf_gpt.engine import train
     from hf_gpt.loading import load_tokenizer
     from hf_gpt.model import build_model
+    from hf_gpt.start import start_run
 
     run = tmp_path / "run"
     cfg = load_config(PretrainConfig, [*muon_args(tiny_args), "--max_steps", "8", "--save_every", "2",

@@ -13,9 +13,10 @@ import torch  # noqa: E402
 
 from hf_gpt.config import PretrainConfig, load_config  # noqa: E402
 from hf_gpt.data import PretrainData  # noqa: E402
-from hf_gpt.engine import start_run, train  # noqa: E402
+from hf_gpt.engine import train  # noqa: E402
 from hf_gpt.loading import load_tokenizer  # noqa: E402
 from hf_gpt.model import build_model  # noqa: E402
+from hf_gpt.start import start_run  # noqa: E402
 
 
 class RowsOfOneStream:
