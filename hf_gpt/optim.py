@@ -76,7 +76,7 @@ class MuonAdamW(torch.optim.AdamW):
     layout it trains in (`transposed`), and as `blocks` matrices stacked along its outputs: c_attn's query, key
     and value apart (`muon_split_qkv`). The momentum, Newton-Schulz iteration and scale are torch's own.
 
-    A non-finite step is skipped whole on the device, as a fused AdamW skips it: the engine's FiniteGuard sets
+    A non-finite step is skipped whole on the device, as a fused AdamW skips it: hf_gpt.guard.FiniteGuard sets
     `found_inf` and the Muon groups honour it too (weights, momentum and decay untouched), with no host sync.
     """
 

@@ -1,5 +1,6 @@
 import json
 import math
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -291,6 +292,13 @@ def test_a_folder_without_a_model_is_named_as_the_model(tmp_path):
     (tmp_path / "notes").mkdir()
     with pytest.raises(UserError, match=r"^model '.*notes' could not be loaded: the folder has none of config.json"):
         check_config(SFTConfig(model=str(tmp_path / "notes"), dataset=str(RECORDS)))
+
+
+def test_a_missing_rouge_package_stops_before_training(base_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # import rouge_score now raises ImportError
+    with pytest.raises(UserError, match=r"^the test replies are scored with ROUGE-L, which needs the rouge-score"):
+        check_config(SFTConfig(model=str(base_model), dataset=str(RECORDS)))
+    check_config(SFTConfig(model=str(base_model), dataset=str(RECORDS), test_fraction=0))  # nothing to score
 
 
 def test_overlong_records_are_truncated_or_dropped_and_counted(tokenizer, base_model):
