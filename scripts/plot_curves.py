@@ -1,7 +1,8 @@
-"""Validation loss of several runs on one chart, against tokens seen (from each run's metrics.jsonl).
+"""Validation loss of several runs on one chart, against tokens seen or seconds of training (from each run's
+metrics.jsonl; the seconds are the engine's training clock, evaluations and checkpoints left out).
 
     python scripts/plot_curves.py runs/english-124m runs/seed-english --out curves.png
-    python scripts/plot_curves.py runs/a runs/b --labels "ours" "the article's" --out curves.png
+    python scripts/plot_curves.py runs/a runs/b --labels "ours" "the article's" --x seconds --target 4.33 --out t.png
 """
 
 import sys
@@ -19,6 +20,8 @@ def main():
     parser.add_argument("--labels", nargs="+", help="One label per run (default: the folder names).")
     parser.add_argument("--out", default="curves.png")
     parser.add_argument("--title", default="")
+    parser.add_argument("--x", choices=["tokens", "seconds"], default="tokens", help="What the horizontal axis counts.")
+    parser.add_argument("--target", type=float, default=0.0, help="A validation loss to draw as a line (0: none).")
     args = parser.parse_args()
     labels = args.labels or [Path(r).name for r in args.runs]
     if len(labels) != len(args.runs):
@@ -26,7 +29,8 @@ def main():
     curves = {}
     for run, label in zip(args.runs, labels):
         rows = MetricsLog(Path(run) / "metrics.jsonl").rows()
-        points = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+        key = "tokens" if args.x == "tokens" else "train_s"
+        points = [(r[key], r["val_loss"]) for r in rows if "val_loss" in r and key in r]
         if not points:
             raise UserError(f"{run}: no validation rows in metrics.jsonl")
         curves[label] = points
@@ -38,9 +42,11 @@ def main():
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2 + 0.25 * len(curves)))
     for label, points in curves.items():
-        tokens, losses = zip(*points)
-        ax.plot([t / 1e6 for t in tokens], losses, "o-", markersize=3, label=label)
-    ax.set_xlabel("tokens seen (millions)")
+        xs, losses = zip(*points)
+        ax.plot([x / 1e6 for x in xs] if args.x == "tokens" else xs, losses, "o-", markersize=3, label=label)
+    if args.target:
+        ax.axhline(args.target, color="grey", linestyle="--", linewidth=1, label=f"target {args.target}")
+    ax.set_xlabel("tokens seen (millions)" if args.x == "tokens" else "seconds of training")
     ax.set_ylabel("validation loss (nats/token)")
     if args.title:
         ax.set_title(args.title, fontsize=10)
