@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The English results of docs/results/README.md and docs/results/english/, on a machine with two GPUs: the corrected
 # recipe (configs/english-124m.yaml) and the seed article's (configs/seed-3090.yaml pointed at the same
-# corpus, the same token budget) trained side by side, one GPU each; then SFT and LoRA of the corrected base,
-# both bases through scripts/compare.py, and last the benchmark of the corrected run's settings.
+# corpus, the same token budget) trained side by side, one GPU each; then SFT and LoRA of the corrected base
+# beside both bases' scripts/compare.py, and last the benchmark of the corrected run's settings.
+# CORRECTED_FLAGS adds flags to the corrected run (--save_every 0 saves its checkpoints' 20 s).
 #
 #   data/ laid out as docs/results/english/README.md (The data) says: english/, gpt2-tokenizer/,
 #   instruction-data.json, eval/{hellaswag_val.jsonl.xz,lambada_test.jsonl,wiki.test.raw}, verdict/the-verdict.txt; then
@@ -17,7 +18,12 @@ step() { echo "== $(date -u +%H:%M:%S) $*"; }
 corrected() {
   export CUDA_VISIBLE_DEVICES=0
   step pretrain corrected
-  $L scripts/pretrain.py --config configs/english-124m.yaml --output_dir runs/english-124m
+  $L scripts/pretrain.py --config configs/english-124m.yaml --output_dir runs/english-124m ${CORRECTED_FLAGS:-}
+}
+
+adapt() {  # SFT and LoRA of the corrected base: small runs, beside the comparison on the same GPU
+  export CUDA_VISIBLE_DEVICES=0
+  [ -d runs/english-124m/final ] || return 0
   step sft
   # The recipe in bf16; if it diverges (the engine stops with one line), once more in float32.
   $L scripts/sft.py --config configs/sft.yaml --model runs/english-124m/final --dataset data/instruction-data.json \
@@ -47,12 +53,14 @@ case ${PARTS:-both} in
   seed) SEED_GPU=0 seed > "$R/seed.log" 2>&1;;
   *) echo "PARTS must be both, corrected or seed" >&2; exit 2;;
 esac
+adapt > "$R/adapt.log" 2>&1 &
 step compare >> "$R/corrected.log"
 models=(); for m in runs/english-124m/final runs/seed-english/final; do [ -d "$m" ] && models+=("$m"); done
 CUDA_VISIBLE_DEVICES=0 python3 scripts/compare.py "${models[@]}" \
     --dataset data/english/validation.parquet --max_documents 1000 --hellaswag data/eval/hellaswag_val.jsonl.xz \
     --lambada data/eval/lambada_test.jsonl --wikitext data/eval/wiki.test.raw --batch_size 32 \
     --output_dir "$R/compare" > "$R/compare.log" 2>&1
+wait  # for SFT and LoRA
 # Last, as the least needed: the benchmark of the corrected run's settings, to set its tokens/s beside.
 if [ -d runs/english-124m/final ]; then
   step benchmark, the same settings: real data, then random tokens >> "$R/corrected.log"
