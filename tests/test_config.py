@@ -1,9 +1,14 @@
 import re
+from dataclasses import replace
 
 import pytest
+import torch
 from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import ROOT
 from hf_gpt.config import PretrainConfig, UserError, load_config, run_cli
+from hf_gpt.model import parameter_count, training_memory
 
 
 def test_yaml_then_command_line(tmp_path):
@@ -219,3 +224,21 @@ def test_a_binary_config_file_is_one_line(tmp_path):
         load_config(PretrainConfig, ["--config", str(recipe)])
     assert str(error.value) == (f"config {recipe}: not a YAML text file (byte 0 is not UTF-8); give a recipe such as "
                                 "configs/default.yaml")
+
+
+# The published checkpoints' parameter counts (openai-community/gpt2, -medium, -large, -xl: tied head, 50,257 tokens).
+GPT2_SIZES = {"small": 124_439_808, "medium": 354_823_168, "large": 774_030_080, "xl": 1_557_611_200}
+
+
+@pytest.mark.parametrize("size, published", GPT2_SIZES.items())
+def test_the_gpt2_recipes_are_gpt2s_own_shapes_and_fit_an_80gb_gpu(size, published):
+    cfg = load_config(PretrainConfig, ["--config", str(ROOT / f"configs/gpt2-{size}.yaml")])
+    with torch.device("meta"):  # the shape alone, no memory
+        model = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                           n_positions=cfg.block_size, vocab_size=50257))
+    assert sum(p.numel() for p in model.parameters()) == published
+    assert parameter_count(replace(cfg, vocab_size=50257), 50257) == published  # the estimate the memory check uses
+    # A lower bound (it read 17.6 GiB where GPT-2 124M peaked at 18.6 on an H200): room left on an 80 GB GPU.
+    assert training_memory(cfg, 50257) < 70 * 2**30
+    for processes in (1, 2, 4, 8):  # whole accumulation steps on one to eight GPUs
+        assert cfg.tokens_per_step % (cfg.micro_batch_size * cfg.block_size * processes) == 0
