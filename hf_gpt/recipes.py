@@ -20,7 +20,7 @@ from .lora import (LoraRunConfig, WritingData, add_trigger_token, base_model_nam
                    plan_steps, save_merged, tokenize, wrap_model)
 from .lora_report import LoraReport
 from .model import build_model, check_shape
-from .scoring import add_base_replies, add_to_summary, answer_test_split
+from .scoring import add_base_replies, add_to_summary, answer_test_split, check_rouge
 from .sft import SFTConfig, SFTData, check_config as check_sft, resolve_chat_template, with_chat_template
 from .start import start_run
 from .tokenizer import run_tokenizer
@@ -54,6 +54,8 @@ def run_sft(cfg: SFTConfig) -> tuple[RunResult, dict] | None:
     """cfg.model tuned on cfg.dataset's records; then the test split answered and scored (the scores, {} when
     the split is empty), and the first base_replies prompts answered by the base model too."""
     check_sft(cfg)
+    if cfg.test_fraction > 0:  # the test replies are scored after training: a missing package must stop it before
+        check_rouge()
     template = resolve_chat_template(cfg.chat_template)
     accelerator = start_run(cfg)
     model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation, resid_pdrop=cfg.dropout,

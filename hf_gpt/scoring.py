@@ -35,6 +35,15 @@ def _rouge():
     return rouge_scorer.RougeScorer(["rougeL"])
 
 
+def check_rouge() -> None:
+    """Before training: the package rouge_l needs, or one line saying how to get it."""
+    try:
+        import rouge_score  # noqa: F401  (not _rouge(): its cache would answer for a package since removed)
+    except ImportError:
+        raise UserError("the test replies are scored with ROUGE-L, which needs the rouge-score package: "
+                        "pip install -r requirements.txt (or set --test_fraction 0)") from None
+
+
 def rouge_l(reference: str, response: str) -> float:
     """ROUGE-L F1 (longest common subsequence of words), 0 to 1."""
     return _rouge().score(reference, response)["rougeL"].fmeasure

@@ -13,6 +13,8 @@
 #                                                           # the engine's two runs with seeds 2 and 3, a flag changed
 #   bash scripts/mixing_bench.sh runs/mask plainmask:0 flex:2   # the plain loop with document masking of its own
 #                                                           # (seed 0); the engine's masking through flex attention
+#   bash scripts/mixing_bench.sh runs/muon muon:2 engine:2    # Muon (english-124m-muon.yaml's settings) beside its
+#                                                           # AdamW yardstick, the same seed; muonone:N: QKV as one
 #
 # Reads data/english (train-*.parquet + validation.parquet), data/gpt2-tokenizer and data/eval (wiki.test.raw,
 # tinyshakespeare.txt): docs/results/english/README.md says where they come from.
@@ -61,6 +63,12 @@ for what in "${@:2}"; do  # every group's runs side by side
       n=${what#flex:}
       engine "masking-flex-seed$n" --warmup_steps 80 --seed "$n" --attn_implementation flex_attention &
       models+=("$out/masking-flex-seed$n/final");;
+    muon:*|muonone:*)  # Muon for the hidden matrices (Q, K and V apart; muonone: as one matrix), no document masking
+      n=${what#*:}; name=muon-seed$n; flags=()
+      [[ $what == muonone:* ]] && { name=muon-one-qkv-seed$n; flags=(--muon_split_qkv false); }
+      engine "$name" --warmup_steps 80 --seed "$n" --optimizer muon --document_masking false \
+        --attn_implementation sdpa "${flags[@]}" &
+      models+=("$out/$name/final");;
     plain:*)  # the plain loop alone with another seed
       n=${what#plain:}
       python scripts/plain_loop.py data/english data/gpt2-tokenizer --steps 400 --warmup_steps 80 --seed "$n" \
@@ -69,7 +77,7 @@ for what in "${@:2}"; do  # every group's runs side by side
     warmup)
       for w in 20 40 160; do engine "warmup-$w" --warmup_steps $w & done
       models+=("$out/warmup-20/final" "$out/warmup-40/final" "$out/warmup-160/final");;
-    *) echo "usage: $0 OUT parity|seeds|seed:N|engine:N|plain:N|plainmask:N|flex:N|warmup ..." >&2; exit 2;;
+    *) echo "usage: $0 OUT parity|seeds|seed:N|engine:N|plain:N|plainmask:N|flex:N|muon:N|muonone:N|warmup ..." >&2; exit 2;;
   esac
 done
 wait

@@ -294,11 +294,13 @@ def test_a_folder_without_a_model_is_named_as_the_model(tmp_path):
         check_config(SFTConfig(model=str(tmp_path / "notes"), dataset=str(RECORDS)))
 
 
-def test_a_missing_rouge_package_stops_before_training(base_model, monkeypatch):
+def test_a_missing_rouge_package_stops_before_training(base_model, tmp_path, monkeypatch):
+    from hf_gpt.recipes import run_sft
+
     monkeypatch.setitem(sys.modules, "rouge_score", None)  # import rouge_score now raises ImportError
     with pytest.raises(UserError, match=r"^the test replies are scored with ROUGE-L, which needs the rouge-score"):
-        check_config(SFTConfig(model=str(base_model), dataset=str(RECORDS)))
-    check_config(SFTConfig(model=str(base_model), dataset=str(RECORDS), test_fraction=0))  # nothing to score
+        run_sft(SFTConfig(model=str(base_model), dataset=str(RECORDS), output_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()  # stopped before the run's folder was made
 
 
 def test_overlong_records_are_truncated_or_dropped_and_counted(tokenizer, base_model):
