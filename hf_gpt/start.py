@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from .checkpoints import CHECKPOINTS
+from .checkpoints import checkpoint_dirs
 from .config import UserError
 from .model import VARLEN_KERNEL_NAMES, use_varlen_kernel
 from .optim import check_optimizer
@@ -36,8 +36,7 @@ def start_run(cfg) -> Accelerator:
     """Accelerator, seeds and output-folder checks, before the recipe builds its tokenizer and model."""
     out = Path(cfg.output_dir)
     stop_with_launcher()
-    has_checkpoints = any((out / CHECKPOINTS).glob("step_*[0-9]"))
-    if has_checkpoints and not cfg.resume:
+    if checkpoint_dirs(out) and not cfg.resume:
         raise UserError(f"{out} already holds a run with checkpoints; pass --resume to continue it "
                         "or choose another --output_dir")
     accelerator = Accelerator(
