@@ -246,11 +246,12 @@ def tokenized_documents(source: DocumentSource, tokenizer, *, holdout: float, va
         ids = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
         return {"input_ids": [[eos] + x for x in ids]}
 
-    # 16 documents a batch: the stream is tokenized in the training loop's own thread, between steps. Batches of
-    # 256 long documents (~1.2M tokens of books) stalled the GPU for ~0.5 s every 17 steps of english-124m.yaml
-    # (tokens/s 500k -> 360k in those windows, one H200); 16 at a time are read while the GPU runs a step.
-    ds = ds.filter(keep, batched=True, batch_size=16)
-    return ds.map(tokenize, batched=True, batch_size=16, remove_columns=list(ds.column_names or [column]))
+    # The stream is tokenized in the training loop's own thread, 256 documents at a time: on a corpus of books that
+    # stalls the GPU ~0.5 s every 17 steps of english-124m.yaml, but 16 at a time cost more than they hid (the
+    # seed recipe 227k -> 127k tokens/s, Muon 421k -> 328k; one H200, 2026-12-03). Reading off the loop's thread
+    # is what removes the stall (docs/results/time-to-quality.md).
+    ds = ds.filter(keep, batched=True, batch_size=256)
+    return ds.map(tokenize, batched=True, batch_size=256, remove_columns=list(ds.column_names or [column]))
 
 
 class PackedBatches:
