@@ -3,6 +3,9 @@ metrics.jsonl; the seconds are the engine's training clock, evaluations and chec
 
     python scripts/plot_curves.py runs/english-124m runs/seed-english --out curves.png
     python scripts/plot_curves.py runs/a runs/b --labels "ours" "the article's" --x seconds --target 4.33 --out t.png
+
+--tokens_per_s gives a run's seconds as its tokens over a rate measured elsewhere (one figure per run, 0: its own
+clock): for a run whose clock is not its own, such as one that shared its GPU.
 """
 
 import sys
@@ -22,15 +25,20 @@ def main():
     parser.add_argument("--title", default="")
     parser.add_argument("--x", choices=["tokens", "seconds"], default="tokens", help="What the horizontal axis counts.")
     parser.add_argument("--target", type=float, default=0.0, help="A validation loss to draw as a line (0: none).")
+    parser.add_argument("--tokens_per_s", nargs="+", type=float,
+                        help="With --x seconds, one rate per run: seconds = tokens / rate (0: the run's own clock).")
     args = parser.parse_args()
     labels = args.labels or [Path(r).name for r in args.runs]
-    if len(labels) != len(args.runs):
-        raise UserError(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
+    rates = args.tokens_per_s or [0.0] * len(args.runs)
+    for name, values in (("--labels", labels), ("--tokens_per_s", rates)):
+        if len(values) != len(args.runs):
+            raise UserError(f"{name}: {len(values)} values for {len(args.runs)} runs")
     curves = {}
-    for run, label in zip(args.runs, labels):
+    for run, label, rate in zip(args.runs, labels, rates):
         rows = MetricsLog(Path(run) / "metrics.jsonl").rows()
-        key = "tokens" if args.x == "tokens" else "train_s"
-        points = [(r[key], r["val_loss"]) for r in rows if "val_loss" in r and key in r]
+        key = "tokens" if args.x == "tokens" or rate else "train_s"
+        points = [(r[key] / rate if key == "tokens" and args.x == "seconds" else r[key], r["val_loss"])
+                  for r in rows if "val_loss" in r and key in r]
         if not points:
             raise UserError(f"{run}: no validation rows in metrics.jsonl")
         curves[label] = points
