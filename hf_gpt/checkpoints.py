@@ -91,11 +91,12 @@ def load_checkpoint(accelerator, checkpoint: Path, batches) -> dict:
 
 
 # What a resumed run may change besides output_dir and resume: its length (to extend a run; the schedule
-# follows the new length from the step resumed at) and what it logs, evaluates, saves and publishes.
+# follows the new length from the step resumed at), what it logs, evaluates, saves and publishes, and how far
+# it reads ahead (the batches served are the same).
 # Anything else (data, model, optimizer, precision, seed) would load the checkpoint into another run.
 RESUMABLE = ("max_steps", "max_tokens", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
              "report_to", "sample_prompts", "max_new_tokens", "hellaswag", "hellaswag_items", "push_to_hub",
-             "stop_at_val_loss")
+             "stop_at_val_loss", "read_ahead")
 
 
 def without_checkpoint(output_dir: Path, checkpoint: Path) -> str:

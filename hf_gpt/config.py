@@ -131,6 +131,10 @@ class TrainConfig:
     fused_cross_entropy: bool = field(
         default=False, metadata={"help": "GPU: Liger's fused linear + cross-entropy, logits never materialised."})
 
+    read_ahead: int = field(default=0, metadata={
+        "help": "Micro-batches read ahead of the loop in a background thread, so that tokenizing a streamed corpus "
+                "does not stall the GPU between steps; 0: read in the loop's thread. Resume stays exact."})
+
     # Evaluation, logging, checkpoints.
     eval_every: int = field(default=0, metadata={
         "help": "Steps between evaluations; 0: after every pass over the training data where its size is known "

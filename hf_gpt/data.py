@@ -246,10 +246,10 @@ def tokenized_documents(source: DocumentSource, tokenizer, *, holdout: float, va
         ids = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
         return {"input_ids": [[eos] + x for x in ids]}
 
-    # The stream is tokenized in the training loop's own thread, 256 documents at a time: on a corpus of books that
-    # stalls the GPU ~0.5 s every 17 steps of english-124m.yaml, but 16 at a time cost more than they hid (the
-    # seed recipe 227k -> 127k tokens/s, Muon 421k -> 328k; one H200, 2026-12-03). Reading off the loop's thread
-    # is what removes the stall (docs/results/time-to-quality.md).
+    # 256 documents a batch. Read in the training loop's thread (read_ahead 0), a batch of books (~1.2M tokens)
+    # stalls the GPU ~0.5 s every 17 steps of english-124m.yaml; 16 at a time cost more than they hid (the seed
+    # recipe 227k -> 127k tokens/s, Muon 421k -> 328k; one H200, 2026-12-03). read_ahead moves the reading to a
+    # thread of its own instead (docs/results/time-to-quality.md).
     ds = ds.filter(keep, batched=True, batch_size=256)
     return ds.map(tokenize, batched=True, batch_size=256, remove_columns=list(ds.column_names or [column]))
 

@@ -45,6 +45,7 @@ from .guard import FiniteGuard
 from .metrics_log import MetricsLog, run_summary
 from .model import causal_lm_loss, document_mask_inputs, linear_layout, qkv_attention
 from .optim import build_optimizer, build_scheduler
+from .read_ahead import ReadAhead
 from .throughput import duration, flops_per_token, peak_flops, peak_memory_gib
 from .tokenizer import token_byte_lengths
 
@@ -266,8 +267,10 @@ def train(cfg, model, tokenizer, data, accelerator: Accelerator, *, final_name: 
 
     stopped = 0  # the number of the signal that stopped the run
     # The bar closes however the loop ends, so that an error line never lands on it.
+    # The reader stops with the loop, however it ends (a checkpoint after it still saves the batches it read).
     with StopSignal() as stop, tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True,
-                                    desc=out.name) as bar, _lost_process_line(accelerator, out, lambda: step):
+                                    desc=out.name) as bar, _lost_process_line(accelerator, out, lambda: step), \
+            contextlib.closing(run.batches):
         while step < total_steps:
             micro_batches = [next(run.batches) for _ in range(run.accumulation)]
             lr = run.scheduler.get_last_lr()[0]  # this step's: the scheduler moves on at its end
@@ -359,33 +362,6 @@ def speed_fields(run: Run, tokens_per_s: float, flops: float, peak: float | None
             "eta_s": (run.total_steps - step) * seconds_per_step}
 
 
-class ReadAhead:
-    """Training batches whose first was read ahead (set_up takes the batch shape from it) and is served as the
-    first step's, not read again: a stream's first read fills PackedBatches' buffer of rows (2048 x block_size
-    tokens to tokenize), which reading it twice would pay twice before the first step."""
-
-    def __init__(self, batches):
-        self.batches, self.first = batches, next(batches)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        if self.first is None:
-            return next(self.batches)
-        batch, self.first = self.first, None
-        return batch
-
-    def state_dict(self) -> dict:
-        if self.first is not None:  # a checkpoint always follows a step, which takes the batch read ahead
-            raise RuntimeError("the stream's state was asked for before its first batch was served")
-        return self.batches.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.first = None  # a resumed run reads on from the checkpoint's place
-        self.batches.load_state_dict(state)
-
-
 @dataclass
 class Run:
     """What set_up() prepared for the loop, and where the loop starts: `progress` holds the step, the tokens
@@ -446,7 +422,7 @@ def set_up(cfg, model, tokenizer, data, accelerator: Accelerator) -> Run:
     changes = check_resumable(cfg, out, resume_from, accelerator.num_processes) if resume_from else []
 
     # The batch shape (for the accumulation count) comes from the data itself.
-    batches = ReadAhead(batches)
+    batches = ReadAhead(batches, cfg.read_ahead)
     example = batches.first
     accum = accumulation_steps(cfg, example["input_ids"].numel(), accelerator.num_processes)
     tokens_per_step = example["input_ids"].numel() * accum * accelerator.num_processes

@@ -164,6 +164,22 @@ def test_a_run_stopped_by_a_signal_between_log_steps_resumes_with_the_same_rows(
     assert rows_without_timing(stopped) == rows_without_timing(tmp_path / "straight")
 
 
+def test_a_run_reading_ahead_stopped_and_resumed_logs_the_rows_of_one_that_never_read_ahead(tiny_args, tmp_path):
+    """Batches read in a background thread (read_ahead) are the loop's own, in its order; the checkpoint of a run
+    stopped while its reader was ahead holds what it read, so that resumed (here reading ahead less) it goes on
+    exactly."""
+    common = [*tiny_args, "--max_steps", "8", "--log_every", "3", "--dropout", "0.1"]
+    train_in_process([*common, "--output_dir", str(tmp_path / "straight")])
+    stopped = tmp_path / "stopped"
+    result = train_in_process([*common, "--read_ahead", "4", "--output_dir", str(stopped)],
+                              lambda data: StopAt(data, 6))  # the reader's 6th read: the loop is behind it
+    assert result.stopped_early and result.steps < 8
+    state = torch.load(checkpoint_dirs(stopped)[-1] / "progress_0.pt", weights_only=True)
+    assert "pending" in state["data"]  # the batches read and not yet served (as a rule some: the reader is ahead)
+    assert train_in_process([*common, "--read_ahead", "2", "--output_dir", str(stopped), "--resume"]).steps == 8
+    assert rows_without_timing(stopped) == rows_without_timing(tmp_path / "straight")
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(tiny_args, tmp_path, signum, status):
     """As a shell reports a process the signal ended, so that a script tells it from a finished run (exit 0)."""
