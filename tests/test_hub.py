@@ -430,18 +430,35 @@ def test_pretrain_streams_fineweb_edu_from_the_hub_starts_in_seconds_and_resumes
     assert all(torch.equal(expected[k], weights[k]) for k in expected)
 
 
-def test_pretrain_streams_fineweb_edu_on_two_processes_with_hellaswag(hub_to_read, tiny_args, tmp_path):
+def test_pretrain_streams_fineweb_edu_on_two_processes_with_hellaswag_and_resumes_exactly(hub_to_read, tiny_args,
+                                                                                          tmp_path):
+    from safetensors.torch import load_file
     from test_engine import launch_two
 
-    run = tmp_path / "two"
+    run, halves = tmp_path / "two", tmp_path / "halves"
     hellaswag = ROOT / "tests" / "data" / "hellaswag_val_tiny.jsonl.xz"
-    launch_two(*fineweb_args(tiny_args, run, "--max_steps", "3", "--hellaswag", str(hellaswag)),
-               env=hub_env(hub_to_read.url, tmp_path / "home"))
+    env = hub_env(hub_to_read.url, tmp_path / "home")
+    launch_two(*fineweb_args(tiny_args, run, "--max_steps", "4", "--save_every", "2", "--hellaswag", str(hellaswag)),
+               env=env)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["num_processes"] == 2 and 0 < summary["launch_to_first_step_s"] <= 60
     [last] = [r for r in metrics(run) if "val_loss" in r]
     # Each process scored half of the 8 items, and the counts were summed: a share of 8.
     assert last["hellaswag_acc_norm"] * 8 == round(last["hellaswag_acc_norm"] * 8)
+
+    # As if both processes had been killed after the checkpoint at step 2: resumed on two, each process reads on
+    # from its own place in its own share of the stream.
+    shutil.copytree(run, halves)
+    for later in ("final", "checkpoints/step_00000004"):
+        shutil.rmtree(halves / later)
+    (halves / "summary.json").unlink()
+    resumed = launch_two(*fineweb_args(tiny_args, halves, "--max_steps", "4", "--save_every", "2", "--hellaswag",
+                                       str(hellaswag), "--resume"), env=env)
+    assert "step_00000002 at step 2" in resumed.stdout + resumed.stderr
+    losses = [[(r["step"], r["loss"]) for r in metrics(folder) if "loss" in r] for folder in (run, halves)]
+    assert losses[0] == losses[1]
+    expected, weights = (load_file(folder / "final" / "model.safetensors") for folder in (run, halves))
+    assert all(torch.equal(expected[k], weights[k]) for k in expected)
 
 
 def test_compare_downloads_openai_gpt2_from_the_hub_and_scores_it(hub_to_read, tmp_path):
