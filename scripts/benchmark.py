@@ -8,6 +8,8 @@ shapes (scripts/reference_gpt2.py), measured in the same process on the same bat
         --fused_cross_entropy --micro_batch_size 64
     python scripts/benchmark.py --config configs/gpt2-small.yaml --benchmark_data config  # the config's dataset, real loader
     python scripts/benchmark.py --config configs/gpt2-small.yaml --benchmark loader --dataset data/shards  # CPU side
+    python scripts/benchmark.py --config configs/english-124m.yaml --benchmark loader --benchmark_steps 200 \
+        --loader_step_ms 150 --read_ahead 64   # the loader under a simulated loop: does reading ahead hide it?
     python scripts/benchmark.py --config configs/gpt2-small.yaml --benchmark reference  # the yardstick alone
 
 `--benchmark_data random` (the default for `--benchmark train`) feeds random tokens cut into documents of random
@@ -51,6 +53,9 @@ class BenchmarkConfig(PretrainConfig):
     benchmark_steps: int = 10
     benchmark_warmup_steps: int = 3
     mean_document_tokens: int = field(default=700, metadata={"help": "Random data: mean document length."})
+    loader_step_ms: float = field(default=0.0, metadata={
+        "help": "loader benchmark: a simulated training loop taking this long a micro-batch, 40% of it holding the "
+                "GIL (launching kernels) and 60% not (waiting on the device); 0: the loader alone."})
 
     renamed: ClassVar[dict[str, str]] = {**PretrainConfig.renamed, "data": "benchmark_data"}
 
@@ -90,16 +95,32 @@ def data_source(cfg):
 
 
 def benchmark_loader(cfg) -> dict:
+    """The data pipeline's tokens/s; with loader_step_ms, the seconds a simulated loop takes over the batches
+    (read in its thread, or read_ahead in one of their own) against the loop's work alone."""
+    from hf_gpt.read_ahead import ReadAhead
+
     data = data_source(cfg)
-    batches = data.train_batches(0, 1)
+    batches = ReadAhead(data.train_batches(0, 1), cfg.read_ahead)
     next(batches)  # opening files and the first tokenizer call stay out of the timing
+    if cfg.read_ahead and cfg.loader_step_ms:
+        time.sleep(cfg.read_ahead * cfg.loader_step_ms / 1e3)  # the reader fills up, as it would during compilation
+    busy, wait = 0.4 * cfg.loader_step_ms / 1e3, 0.6 * cfg.loader_step_ms / 1e3
     start, tokens = time.perf_counter(), 0
     for _ in range(cfg.benchmark_steps):
         tokens += next(batches)["input_ids"].numel()
+        if busy:
+            end = time.perf_counter() + busy
+            while time.perf_counter() < end:  # Python holding the GIL, as launching kernels does
+                pass
+            time.sleep(wait)  # the GIL released, as while waiting on the device
     seconds = time.perf_counter() - start
+    batches.close()
     kind = "token shards (memmap)" if getattr(data, "shards", None) else "streamed + tokenized on the fly"
-    return {"benchmark": "loader", "source": cfg.dataset, "kind": kind, "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds}
+    result = {"benchmark": "loader", "source": cfg.dataset, "kind": kind, "read_ahead": cfg.read_ahead,
+              "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    if cfg.loader_step_ms:
+        result["loop_work_s"] = cfg.benchmark_steps * cfg.loader_step_ms / 1e3
+    return result
 
 
 def benchmark_train(cfg) -> dict:
