@@ -36,9 +36,9 @@ def main():
     curves = {}
     for run, label, rate in zip(args.runs, labels, rates):
         rows = MetricsLog(Path(run) / "metrics.jsonl").rows()
-        key = "tokens" if args.x == "tokens" or rate else "train_s"
-        points = [(r[key] / rate if key == "tokens" and args.x == "seconds" else r[key], r["val_loss"])
-                  for r in rows if "val_loss" in r and key in r]
+        # The horizontal axis: tokens; the run's own training clock; or its tokens over a rate measured elsewhere.
+        key, scale = ("train_s", 1.0) if args.x == "seconds" and not rate else ("tokens", 1 / rate if rate else 1.0)
+        points = [(r[key] * scale, r["val_loss"]) for r in rows if "val_loss" in r and key in r]
         if not points:
             raise UserError(f"{run}: no validation rows in metrics.jsonl")
         curves[label] = points
