@@ -13,7 +13,7 @@
 #                                                           # the engine's two runs with seeds 2 and 3, a flag changed
 #   bash scripts/mixing_bench.sh runs/mask plainmask:0 flex:2   # the plain loop with document masking of its own
 #                                                           # (seed 0); the engine's masking through flex attention
-#   bash scripts/mixing_bench.sh runs/muon muon:2 engine:2    # Muon (english-124m-muon.yaml's settings) beside its
+#   bash scripts/mixing_bench.sh runs/muon muon:2 engine:2    # Muon (english-124m.yaml's settings) beside its
 #                                                           # AdamW yardstick, the same seed; muonone:N: QKV as one
 #
 # Reads data/english (train-*.parquet + validation.parquet), data/gpt2-tokenizer and data/eval (wiki.test.raw,
@@ -21,7 +21,7 @@
 set -euo pipefail
 out=${1:-runs/mixing}
 mkdir -p "$out"
-run=(--config configs/english-124m.yaml --tokens_per_step 65536 --max_tokens 26214400 --learning_rate 1.5e-3
+run=(--config configs/english-124m-adamw.yaml --tokens_per_step 65536 --max_tokens 26214400 --learning_rate 1.5e-3
      --document_masking true --attn_implementation varlen --eval_every 0 --save_every 0 --sample_prompts --warmup_ratio 0 ${ENGINE_FLAGS:-})
 
 engine() {  # NAME FLAGS...: one engine run, its log beside its folder

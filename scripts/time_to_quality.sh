@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Time to a target validation loss on one GPU, one recipe after another (each alone: its training seconds are its
 # own): the article's recipe (configs/seed-3090.yaml on the English corpus), the best AdamW recipe
-# (configs/english-124m.yaml) and the best Muon recipe (configs/english-124m-muon.yaml), each stopped at the first
-# evaluation at or under TARGET (stop_at_val_loss). The article's recipe reaches 4.33 only after 42.7M tokens (over
-# three minutes at its speed), so by default it runs SEED_TOKENS and its time is its tokens to target (from a run
-# to the target) over the tokens/s measured here; its curve is drawn for those tokens. Then the chart: validation loss
-# against seconds of training.
+# (configs/english-124m-adamw.yaml) and the best Muon recipe (configs/english-124m.yaml on a 400-step schedule), each
+# stopped at the first evaluation at or under TARGET (stop_at_val_loss). The article's recipe reaches 4.33 only after
+# 42.7M tokens (over three minutes at its speed), so by default it runs SEED_TOKENS and its time is its tokens to
+# target (from a run to the target) over the tokens/s measured here; its curve is drawn for those tokens. Then the
+# chart: validation loss against seconds of training.
 #
 #   bash scripts/time_to_quality.sh runs/ttq
 #   TARGET=4.0 MUON_FLAGS='--max_tokens 52428800' bash scripts/time_to_quality.sh runs/ttq-4.0
@@ -20,8 +20,8 @@ recipe() {  # NAME FLAGS...
 }
 recipe seed --config configs/seed-3090.yaml --dataset data/english --tokenizer data/gpt2-tokenizer --compile true \
   --max_tokens "${SEED_TOKENS:-13107200}" --eval_every 534 --eval_batches 0 ${SEED_FLAGS:-}
-recipe muon --config configs/english-124m-muon.yaml ${MUON_FLAGS:-}
-recipe adamw --config configs/english-124m.yaml --eval_every 25 ${ADAMW_FLAGS:-}
+recipe muon --config configs/english-124m.yaml --max_tokens 26214400 --eval_every 25 ${MUON_FLAGS:-}
+recipe adamw --config configs/english-124m-adamw.yaml --eval_every 25 ${ADAMW_FLAGS:-}
 for name in seed adamw muon; do
   python - "$out/$name/summary.json" <<'PY' || true
 import json, sys
@@ -32,6 +32,6 @@ print(sys.argv[1], f"tokens {s['tokens']:,}", f"train_s {s['train_time_s']:.1f}"
 PY
 done
 python scripts/plot_curves.py "$out/seed" "$out/adamw" "$out/muon" \
-  --labels "the article's recipe (seed-3090.yaml)" "AdamW (english-124m.yaml)" "Muon (english-124m-muon.yaml)" \
+  --labels "the article's recipe (seed-3090.yaml)" "AdamW (english-124m-adamw.yaml)" "Muon (english-124m.yaml)" \
   --x seconds --target "$target" --title "GPT-2 124M, English corpus, one GPU: validation loss against training time" \
   --out "$out/time-to-quality.png"
