@@ -109,9 +109,9 @@ def without_checkpoint(output_dir: Path, checkpoint: Path) -> str:
 def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int) -> list[str]:
     """The changes (`field old -> new`) of RESUMABLE fields from the run's config.yaml; a checkpoint whose files
     differ from its manifest, other changes, and another number of processes (each saved its place in its own
-    share of the data), are refused. A run started before `linear_layout` existed goes on without it: its
-    checkpoints hold AdamW's moments in Conv1D's layout; one started before `shuffle_rows` reads its data in
-    order to the end, as it began."""
+    share of the data), are refused, and so is a run that trained GPT-2's Conv1D layers as nn.Linear (`linear_layout`,
+    removed: its optimizer's moments are transposed). One started before `shuffle_rows` reads its data in order to
+    the end, as it began."""
     saved_by = len(list(checkpoint.glob("progress_*.pt")))
     if saved_by == 0:
         # Every process writes one, so none means the folder was damaged (or emptied by hand) after its swap, not
@@ -126,8 +126,10 @@ def check_resumable(cfg, output_dir: Path, checkpoint: Path, num_processes: int)
                         f"resume with {saved_by} (each process saved its place in its own share of the data)")
     saved = output_dir / "config.yaml"
     saved = yaml.safe_load(saved.read_text()) if saved.exists() else {}
-    if saved and "linear_layout" not in saved:
-        cfg.linear_layout = False
+    if saved.get("linear_layout"):
+        raise UserError(f"{checkpoint} holds its optimizer's state for GPT-2's layers trained as nn.Linear "
+                        "(linear_layout: true), which this version no longer does (it gained under 0.5%); finish the "
+                        "run with the hf-gpt that started it, or start a new one")
     if saved and "shuffle_rows" not in saved and hasattr(cfg, "shuffle_rows"):
         cfg.shuffle_rows = 0
     changes = changed_fields(saved, cfg)

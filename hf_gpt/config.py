@@ -125,9 +125,6 @@ class TrainConfig:
     varlen_kernel: str = field(default="auto", metadata={
         "help": "varlen's kernel on a GPU: torch (PyTorch's FlashAttention-2) | fa4 (flash-attn-4, Hopper and "
                 "Blackwell GPUs) | auto (fa4 where it runs, else torch)"})
-    linear_layout: bool = field(default=True, metadata={
-        "help": "Train GPT-2's Conv1D layers as nn.Linear (weights held (out, in): faster GEMMs on GPUs); checkpoints "
-                "and saved models keep GPT-2's layout. Not under LoRA or FSDP."})
     fused_cross_entropy: bool = field(
         default=False, metadata={"help": "GPU: Liger's fused linear + cross-entropy, logits never materialised."})
 

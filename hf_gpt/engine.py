@@ -43,7 +43,7 @@ from .evaluation import EvalTask, Samples
 from .files import atomic_write, recover_folders
 from .guard import FiniteGuard
 from .metrics_log import MetricsLog, run_summary
-from .model import causal_lm_loss, document_mask_inputs, linear_layout, qkv_attention
+from .model import causal_lm_loss, document_mask_inputs, qkv_attention
 from .optim import build_optimizer, build_scheduler
 from .read_ahead import ReadAhead
 from .throughput import duration, flops_per_token, peak_flops, peak_memory_gib
@@ -148,9 +148,6 @@ def prepare_training(cfg, model, accelerator, total_steps: int):
     """Model on its device, the optimizer and the schedule, all through `accelerator.prepare`; plus the
     (optionally compiled) forward the loop calls."""
     peft = hasattr(model, "get_base_model")
-    # Not under PEFT, which adapts GPT-2's Conv1D itself, nor FSDP, which shards the weights as GPT-2 stores them.
-    if cfg.linear_layout and not peft and accelerator.distributed_type != DistributedType.FSDP:
-        linear_layout(model)
     if cfg.attn_implementation == "varlen":
         qkv_attention(model)
     model.to(accelerator.device)

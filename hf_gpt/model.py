@@ -1,5 +1,4 @@
-"""The model: a fresh `GPT2LMHeadModel`, the attention that keeps packed documents apart, its `Conv1D` layers as
-`nn.Linear` for training, and the loss."""
+"""The model: a fresh `GPT2LMHeadModel`, the attention that keeps packed documents apart, and the loss."""
 
 from __future__ import annotations
 
@@ -8,12 +7,10 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
-from transformers.pytorch_utils import Conv1D
 
 from . import fa4
 from .config import UserError
@@ -232,39 +229,6 @@ def build_model(cfg, vocab_size: int, eos_token_id: int) -> GPT2LMHeadModel:
             block.attn.c_attn.bias.data.zero_()
             block.attn.c_attn.bias.requires_grad_(False)
     return model
-
-
-class Linear(nn.Linear):
-    """GPT-2's `Conv1D` as the `nn.Linear` it is: the same function, the weight held (out, in) instead of (in, out).
-
-    cuBLAS multiplies faster with the weight laid out so: a profiled H100 step spent 34.0 ms in GPT-2's matmuls
-    and 33.1 in those of a hand-written GPT-2 of the same shapes with nn.Linear, and training this way runs
-    0.2-1.3% faster (docs/results/throughput.md). State dicts keep Conv1D's layout, so checkpoints and saved
-    models are plain GPT-2's.
-    """
-
-    def __init__(self, conv: Conv1D):
-        super().__init__(conv.nx, conv.nf, device="meta")
-        # conv's own Parameter, transposed in place: whatever holds it (a hook, a reference) still does.
-        conv.weight.data = conv.weight.data.t().contiguous()
-        self.weight, self.bias = conv.weight, conv.bias
-        # Out to Conv1D's layout when saved, back to ours when loaded: the same transpose both ways.
-        self.register_state_dict_post_hook(_transpose_weight)
-        self.register_load_state_dict_pre_hook(_transpose_weight)
-
-
-def _transpose_weight(module, state_dict, prefix, *args):
-    key = prefix + "weight"
-    if key in state_dict:
-        state_dict[key] = state_dict[key].t().contiguous()  # contiguous: a load that assigns keeps this layout
-
-
-def linear_layout(model) -> None:
-    """Every `Conv1D` of `model` (a GPT-2) swapped for `Linear`, in place, for training."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is Conv1D:
-                setattr(module, name, Linear(child))
 
 
 def attention_name(choice: str) -> str:

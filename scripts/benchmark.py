@@ -174,7 +174,7 @@ def benchmark_train(cfg) -> dict:
         "compile": cfg.compile, "compile_mode": cfg.compile_mode,
         "attn_implementation": cfg.attn_implementation,
         "varlen_kernel": varlen_kernel() if cfg.attn_implementation == "varlen" else None,
-        "linear_layout": cfg.linear_layout, "fused_cross_entropy": cfg.fused_cross_entropy,
+        "fused_cross_entropy": cfg.fused_cross_entropy,
         "document_masking": cfg.document_masking, "mixed_precision": accelerator.mixed_precision,
         "tokens_per_s": round(tps), "step_time_s": seconds / cfg.benchmark_steps,
         # per GPU against the reference's one GPU

@@ -14,12 +14,11 @@ declare -A V=(
   [flex]="--attn_implementation flex_attention"
   [varlen]="--attn_implementation varlen"
   [varlen_torch]="--attn_implementation varlen --varlen_kernel torch"
-  [varlen_conv1d]="--attn_implementation varlen --linear_layout False"
   [varlen_mb16]="--attn_implementation varlen --micro_batch_size 16"
   [varlen_mb64]="--attn_implementation varlen --micro_batch_size 64"
   [varlen_fused]="--attn_implementation varlen --fused_cross_entropy"
 )
-ORDER="sdpa_nomask sdpa flex varlen varlen_torch varlen_conv1d varlen_mb16 varlen_mb64 varlen_fused eager_sdpa"
+ORDER="sdpa_nomask sdpa flex varlen varlen_torch varlen_mb16 varlen_mb64 varlen_fused eager_sdpa"
 [ $# -eq 0 ] && set -- $ORDER
 echo "== reference"
 ref=$($B --benchmark reference 2>/tmp/bench_reference.log | grep '^{' | tee -a "$out" | python3 -c "import json,sys; print(json.load(sys.stdin)['tokens_per_s'])") \

@@ -284,18 +284,19 @@ def test_checkpoints_of_a_tied_model_save_without_the_shared_tensor_warning(tiny
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
-def test_a_run_started_before_linear_layout_resumes_in_conv1d_layout(tiny_args, tmp_path):
-    """Its checkpoints hold AdamW's moments in Conv1D's layout (its config.yaml has no linear_layout): it resumes in
-    that layout and trains on as if uninterrupted."""
-    common = [*tiny_args, "--max_steps", "8", "--log_every", "3"]
-    train_in_process([*common, "--linear_layout", "False", "--output_dir", str(tmp_path / "straight")])
-    old = tmp_path / "old"
-    train_in_process([*common, "--linear_layout", "False", "--output_dir", str(old)], lambda data: StopAt(data, 4))
-    config = yaml.safe_load((old / "config.yaml").read_text())
-    del config["linear_layout"]  # as the version before it wrote config.yaml
-    (old / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    assert train_in_process([*common, "--output_dir", str(old), "--resume"]).steps == 8
-    assert rows_without_timing(old) == rows_without_timing(tmp_path / "straight")
+def test_a_run_that_trained_in_linear_layout_is_refused_before_any_work(tiny_args, tmp_path):
+    """Its checkpoints hold the optimizer's moments transposed (GPT-2's Conv1D layers trained as nn.Linear, a
+    layout since removed): resuming says so in one line and leaves the run's files as they were."""
+    run = tmp_path / "old"
+    train_in_process([*tiny_args, "--max_steps", "8", "--output_dir", str(run)], lambda data: StopAt(data, 4))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["linear_layout"] = True  # as a run of the version that had it wrote config.yaml
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"holds its optimizer's state for GPT-2's layers trained as nn.Linear "
+                                        r"\(linear_layout: true\)"):
+        train_in_process([*tiny_args, "--max_steps", "8", "--output_dir", str(run), "--resume"])
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 @pytest.fixture

@@ -247,28 +247,6 @@ def test_mixed_precision_training_forward_keeps_bf16_logits_and_an_fp32_loss():
         AcceleratorState._reset_state(True)
 
 
-def test_training_holds_conv1d_as_linear_except_under_peft(tiny_args, tmp_path):
-    """The engine trains GPT-2's Conv1D layers as nn.Linear (linear_layout), but leaves them to PEFT under LoRA."""
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    from hf_gpt.engine import prepare_training
-    from hf_gpt.model import Linear
-
-    def layers(name: str, *args: str, lora: bool = False) -> set[type]:
-        cfg = load_config(PretrainConfig, [*tiny_args, *args, "--output_dir", str(tmp_path / name)])
-        accelerator = start_run(cfg)
-        model = build_model(cfg, 97, 0)
-        if lora:
-            model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
-        model = prepare_training(cfg, model, accelerator, 1)[0]
-        return {type(m) for m in model.modules()} & {Conv1D, Linear}
-
-    assert layers("default") == {Linear}
-    assert layers("off", "--linear_layout", "False") == {Conv1D}
-    assert layers("lora", lora=True) == {Conv1D}
-
-
 def test_training_forward_returns_detached_logits_inside_the_compiled_graph():
     """Training logits that nothing reads get no gradient of zeros in a compiled backward: the forward with a loss
     returns them detached, from inside the graph (fullgraph: no break around the hook), with the same gradients;

@@ -258,39 +258,6 @@ def test_fa4_custom_ops_carry_forward_and_backward(monkeypatch, compiled):
         torch.testing.assert_close(kernels.saved[1], lse.detach())  # and its log-sum-exp
 
 
-def test_linear_layout_trains_the_same_gpt2_and_saves_its_conv1d_layout(tmp_path):
-    from transformers.pytorch_utils import Conv1D
-
-    from hf_gpt.model import Linear, linear_layout
-
-    model = tiny_gpt2("sdpa")  # eval(): no dropout, so two forwards compute the same
-    ids = torch.randint(1, 97, (2, 16), generator=torch.Generator().manual_seed(0))
-    conv_fc = model.transformer.h[0].mlp.c_fc
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model(input_ids=ids, labels=ids).loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-
-    linear_layout(model)
-    fc = model.transformer.h[0].mlp.c_fc
-    assert type(fc) is Linear and fc.weight is conv_fc.weight and fc.weight.shape == (128, 32)  # (out, in)
-    assert not any(isinstance(m, Conv1D) for m in model.modules())
-    model(input_ids=ids, labels=ids).loss.backward()
-    swapped = {f"{n}.weight" for n, m in model.named_modules() if type(m) is Linear}
-    for n, p in model.named_parameters():  # the same function: the same gradients, transposed where swapped
-        torch.testing.assert_close(p.grad.t() if n in swapped else p.grad, grads[n])
-
-    state = model.state_dict()  # GPT-2's own layout, so checkpoints and saved models are plain GPT-2's
-    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
-    model.load_state_dict(before)
-    assert torch.equal(model.transformer.h[0].mlp.c_fc.weight, before["transformer.h.0.mlp.c_fc.weight"].t())
-    model.save_pretrained(tmp_path)
-    plain = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    assert type(plain.transformer.h[0].mlp.c_fc) is Conv1D
-    with torch.no_grad():
-        torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits)
-
-
 def test_varlen_kernel_choice_on_a_cpu():
     from hf_gpt.config import UserError
     from hf_gpt.model import use_varlen_kernel, varlen_kernel

@@ -8,6 +8,23 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from hf_gpt.optim import build_optimizer, build_scheduler, decay_parameter_names
 
 
+def as_linear(model) -> set[str]:
+    """GPT-2's Conv1D layers swapped in place for the nn.Linear they are, weights held (out, in), the layout
+    torch.optim.Muon reads: a reference for the engine's Muon, which trains GPT-2 as stored. The swapped weights'
+    names."""
+    from transformers.pytorch_utils import Conv1D
+
+    swapped = set()
+    for prefix, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is Conv1D:
+                linear = torch.nn.Linear(child.nx, child.nf)
+                linear.weight.data, linear.bias.data = child.weight.data.t().contiguous(), child.bias.data
+                setattr(module, name, linear)
+                swapped.add(f"{prefix}.{name}.weight" if prefix else f"{name}.weight")
+    return swapped
+
+
 def cfg(**kw):
     base = dict(optimizer="adamw", learning_rate=1e-3, weight_decay=0.1, weight_decay_everywhere=False, adam_beta1=0.9,
                 adam_beta2=0.95, adam_epsilon=1e-8, warmup_steps=0, warmup_ratio=0.0, muon_learning_rate=0.02,
@@ -119,12 +136,10 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tied):
 
 
 @pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
-def test_muon_updates_linear_layout_matrices_as_torch_muon_and_the_rest_as_adamw(adjust):
-    from hf_gpt.model import linear_layout
-
+def test_muon_updates_linear_matrices_as_torch_muon_and_the_rest_as_adamw(adjust):
     ours, reference = tiny_gpt2(), tiny_gpt2()
-    linear_layout(ours)
-    linear_layout(reference)
+    as_linear(ours)
+    as_linear(reference)
     train_steps(ours, build_optimizer(ours, cfg(optimizer="muon", muon_split_qkv=False, muon_adjust_lr=adjust)))
     hidden = [p for n, p in reference.named_parameters() if n.endswith(tuple(f"{m}.weight" for m in HIDDEN))]
     rest = [p for p in reference.parameters() if all(p is not h for h in hidden)]
@@ -147,7 +162,6 @@ def test_muon_updates_linear_layout_matrices_as_torch_muon_and_the_rest_as_adamw
 
 
 def one_muon_step(model, **kw) -> dict:
-    # Both layouts' state dicts are Conv1D's (in, out): updates compare as they are.
     before = {n: p.clone() for n, p in model.state_dict().items()}
     train_steps(model, build_optimizer(model, cfg(optimizer="muon", **kw)), steps=1)
     return {n: p - before[n] for n, p in model.state_dict().items()}
@@ -156,14 +170,14 @@ def one_muon_step(model, **kw) -> dict:
 @pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
 def test_a_matrix_gets_the_update_of_its_out_in_shape_in_either_layout(split, adjust):
-    from hf_gpt.model import linear_layout
-
     conv, linear = tiny_gpt2(), tiny_gpt2()
-    linear_layout(linear)
+    swapped = as_linear(linear)
     conv_update = one_muon_step(conv, muon_split_qkv=split, muon_adjust_lr=adjust)
     linear_update = one_muon_step(linear, muon_split_qkv=split, muon_adjust_lr=adjust)
-    for name, update in conv_update.items():
-        torch.testing.assert_close(update, linear_update[name], atol=1e-5, rtol=0)
+    assert len(swapped) == 4 * 2  # every hidden matrix of both blocks
+    for name, update in conv_update.items():  # Conv1D holds (in, out): the same update, transposed
+        expected = linear_update[name].t() if name in swapped else linear_update[name]
+        torch.testing.assert_close(update, expected, atol=1e-5, rtol=0)
     # torch.optim.Muon itself reads a Conv1D weight (in, out) as (out, in): c_fc (16 -> 64) would get the scale of
     # a 16 x 64 matrix, 1, instead of sqrt(64 / 16) = 2 ("original").
     if adjust == "original" and not split:
@@ -177,17 +191,15 @@ def test_a_matrix_gets_the_update_of_its_out_in_shape_in_either_layout(split, ad
 
 
 def test_split_qkv_orthogonalises_query_key_and_value_apart():
-    from hf_gpt.model import linear_layout
-
     def c_attn_after_one_step(split):
         model = tiny_gpt2()
-        linear_layout(model)
+        as_linear(model)
         train_steps(model, build_optimizer(model, cfg(optimizer="muon", muon_split_qkv=split)), steps=1)
         return model.transformer.h[0].attn.c_attn.weight.detach()
 
     # torch.optim.Muon on three matrices: the query's, key's and value's rows of c_attn (out, in), with their gradients.
     model = tiny_gpt2()
-    linear_layout(model)
+    as_linear(model)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids, labels=ids).loss.backward()
     c_attn = model.transformer.h[0].attn.c_attn.weight
