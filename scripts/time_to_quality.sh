@@ -9,6 +9,7 @@
 #
 #   bash scripts/time_to_quality.sh runs/ttq
 #   TARGET=4.0 MUON_FLAGS='--max_tokens 52428800' bash scripts/time_to_quality.sh runs/ttq-4.0
+#   RECIPES=muon MUON_FLAGS='--read_ahead 96' bash scripts/time_to_quality.sh runs/ttq-muon   # some of them only
 set -uo pipefail
 out=${1:-runs/ttq}
 target=${TARGET:-4.33}
@@ -18,11 +19,14 @@ recipe() {  # NAME FLAGS...
   python scripts/pretrain.py --output_dir "$out/$name" --stop_at_val_loss "$target" --save_every 0 --sample_prompts \
     "$@" > "$out/$name.log" 2>&1 || { echo "$name failed: $out/$name.log"; grep -E "Error|error" "$out/$name.log" | tail -3; }
 }
-recipe seed --config configs/seed-3090.yaml --dataset data/english --tokenizer data/gpt2-tokenizer --compile true \
-  --max_tokens "${SEED_TOKENS:-13107200}" --eval_every 534 --eval_batches 0 ${SEED_FLAGS:-}
-recipe muon --config configs/english-124m.yaml --max_tokens 26214400 --eval_every 25 ${MUON_FLAGS:-}
-recipe adamw --config configs/english-124m-adamw.yaml --eval_every 25 ${ADAMW_FLAGS:-}
-for name in seed adamw muon; do
+recipes=${RECIPES:-seed muon adamw}
+[[ " $recipes " == *" seed "* ]] && recipe seed --config configs/seed-3090.yaml --dataset data/english \
+  --tokenizer data/gpt2-tokenizer --compile true --max_tokens "${SEED_TOKENS:-13107200}" --eval_every 534 \
+  --eval_batches 0 ${SEED_FLAGS:-}
+[[ " $recipes " == *" muon "* ]] && recipe muon --config configs/english-124m.yaml --max_tokens 26214400 \
+  --eval_every 25 ${MUON_FLAGS:-}
+[[ " $recipes " == *" adamw "* ]] && recipe adamw --config configs/english-124m-adamw.yaml --eval_every 25 ${ADAMW_FLAGS:-}
+for name in $recipes; do
   python - "$out/$name/summary.json" <<'PY' || true
 import json, sys
 s = json.load(open(sys.argv[1]))
@@ -31,6 +35,7 @@ print(sys.argv[1], f"tokens {s['tokens']:,}", f"train_s {s['train_time_s']:.1f}"
       f"val_loss {s['eval'].get('val_loss', float('nan')):.4f}" if s.get("eval") else "", "target:", json.dumps(t))
 PY
 done
+[[ $recipes == "seed muon adamw" ]] || exit 0  # the chart is of all three
 python scripts/plot_curves.py "$out/seed" "$out/adamw" "$out/muon" \
   --labels "the article's recipe (seed-3090.yaml)" "AdamW (english-124m-adamw.yaml)" "Muon (english-124m.yaml)" \
   --x seconds --target "$target" --title "GPT-2 124M, English corpus, one GPU: validation loss against training time" \

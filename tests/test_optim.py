@@ -161,6 +161,22 @@ def test_muon_updates_linear_matrices_as_torch_muon_and_the_rest_as_adamw(adjust
         torch.testing.assert_close(value, expected[name], atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(16, 16), (64, 16), (16, 64), (48, 16)])
+def test_newton_schulz_orthogonalises_a_stack_as_torch_does_each_matrix(shape):
+    """Muon's step orthogonalises the matrices of one shape as one stack: each comes out bit for bit as
+    torch.optim.Muon's own Newton-Schulz makes it alone (wide, tall and square; CPU)."""
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _zeropower_via_newtonschulz
+
+    from hf_gpt.optim import newton_schulz
+
+    stack = torch.randn(5, *shape, generator=torch.Generator().manual_seed(0))
+    stack[2] *= 1e3  # each matrix is normalised by its own norm, not the stack's
+    out = newton_schulz(stack)
+    for matrix, ortho in zip(stack, out):
+        assert torch.equal(ortho, _zeropower_via_newtonschulz(matrix, (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+                                                              DEFAULT_NS_STEPS, EPS))
+
+
 def one_muon_step(model, **kw) -> dict:
     before = {n: p.clone() for n, p in model.state_dict().items()}
     train_steps(model, build_optimizer(model, cfg(optimizer="muon", **kw)), steps=1)
