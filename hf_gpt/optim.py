@@ -108,28 +108,39 @@ class MuonAdamW(torch.optim.AdamW):
     def _muon_step(self, group: dict, found_inf) -> None:
         lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
         keep = None if found_inf is None else 1.0 - found_inf.float()  # 0 skips the step
+        # The step's factors, once for every matrix; with keep 0 they leave momentum and weights as they were.
+        mix = 1 - momentum if keep is None else (1 - momentum) * keep
+        shrink = 1 - lr * decay if keep is None else 1 - lr * decay * keep
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        if keep is not None:
+            kept = keep > 0
+            grads = [torch.where(kept, grad, 0.0) for grad in grads]
+        for p, grad in zip(params, grads):
+            if "momentum_buffer" not in self.state[p]:  # not setdefault: that would allocate one every step
+                self.state[p]["momentum_buffer"] = torch.zeros_like(grad)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        # Every matrix at once through torch's foreach kernels: torch.optim.Muon's arithmetic, one call for all.
+        torch._foreach_lerp_(bufs, grads, mix if keep is None else [mix] * len(bufs))  # a tensor weight: a list
+        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+        torch._foreach_mul_(params, shrink)
         by_shape = {}  # (out, in) -> the blocks of that shape and their updates
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = p.grad if keep is None else torch.where(keep > 0, p.grad, 0.0)
-            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(grad))
-            buf.lerp_(grad, 1 - momentum if keep is None else (1 - momentum) * keep)
-            update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+        for p, update in zip(params, updates):
             # (out, in) views of the weight and its update, the blocks along the outputs
             weight, matrix = (p.T, update.T) if group["transposed"] else (p, update)
-            p.mul_(1 - lr * decay if keep is None else 1 - lr * decay * keep)
             for block, block_update in zip(weight.chunk(group["blocks"]), matrix.chunk(group["blocks"])):
-                blocks, updates = by_shape.setdefault(tuple(block_update.shape), ([], []))
+                blocks, block_updates = by_shape.setdefault(tuple(block_update.shape), ([], []))
                 blocks.append(block)
-                updates.append(block_update)
-        for shape, (blocks, updates) in by_shape.items():
-            ortho = newton_schulz(torch.stack(updates)).unbind(0)
+                block_updates.append(block_update)
+        for shape, (blocks, block_updates) in by_shape.items():
+            ortho = newton_schulz(torch.stack(block_updates))
             rate = _adjust_lr(lr, group["adjust_lr_fn"], shape)
-            if keep is None:  # in place through the views, torch.optim.Muon's own arithmetic
-                torch._foreach_add_(blocks, ortho, alpha=-rate)
-            else:
-                torch._foreach_sub_(blocks, [o.float() * (rate * keep) for o in ortho])  # float: bf16 would round it
+            if keep is None:  # in place through the views: torch.optim.Muon's own arithmetic
+                torch._foreach_add_(blocks, ortho.unbind(0), alpha=-rate)
+            else:  # float: a bf16 product would round the update
+                torch._foreach_sub_(blocks, (ortho.float() * (rate * keep)).unbind(0))
 
 
 def newton_schulz(updates: torch.Tensor) -> torch.Tensor:
