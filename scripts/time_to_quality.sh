@@ -20,12 +20,13 @@ recipe() {  # NAME FLAGS...
     "$@" > "$out/$name.log" 2>&1 || { echo "$name failed: $out/$name.log"; grep -E "Error|error" "$out/$name.log" | tail -3; }
 }
 recipes=${RECIPES:-seed muon adamw}
-[[ " $recipes " == *" seed "* ]] && recipe seed --config configs/seed-3090.yaml --dataset data/english \
+wanted() { [[ " $recipes " == *" $1 "* ]]; }
+wanted seed && recipe seed --config configs/seed-3090.yaml --dataset data/english \
   --tokenizer data/gpt2-tokenizer --compile true --max_tokens "${SEED_TOKENS:-13107200}" --eval_every 534 \
   --eval_batches 0 ${SEED_FLAGS:-}
-[[ " $recipes " == *" muon "* ]] && recipe muon --config configs/english-124m.yaml --max_tokens 26214400 \
+wanted muon && recipe muon --config configs/english-124m.yaml --max_tokens 26214400 \
   --eval_every 25 ${MUON_FLAGS:-}
-[[ " $recipes " == *" adamw "* ]] && recipe adamw --config configs/english-124m-adamw.yaml --eval_every 25 ${ADAMW_FLAGS:-}
+wanted adamw && recipe adamw --config configs/english-124m-adamw.yaml --eval_every 25 ${ADAMW_FLAGS:-}
 for name in $recipes; do
   python - "$out/$name/summary.json" <<'PY' || true
 import json, sys
