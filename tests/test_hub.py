@@ -4,7 +4,6 @@ HF_ENDPOINT points to. What arrived there is compared with the folder byte for b
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from huggingface_hub import ModelCard
 
 from hf_gpt.config import UserError
 from hf_gpt.hub import prepare_folder, read_folder, results_row
-from hub_server import HubStandIn, Repo
+from hub_server import FINEWEB_EDU_README, HubStandIn, Repo, fineweb_edu_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tokens shaped like real ones, so that a leak anywhere would be found by a plain search.
@@ -325,37 +324,6 @@ def test_folder_is_checked_before_anything_is_sent(runs, tmp_path):
 
 
 # --- Reading from the Hub: the flagship recipe's data and the comparison's reference model -------------------------
-
-FINEWEB_EDU_README = b"""---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/*/*
-- config_name: sample-10BT
-  data_files:
-  - split: train
-    path: sample/10BT/*
----
-# FineWeb-Edu (stand-in)
-"""
-
-
-def fineweb_edu_parquet(texts: list[str], first: int) -> bytes:
-    """FineWeb-Edu's columns, in row groups of 8 documents, as a reader finds them by ranged reads."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    n = len(texts)
-    table = pa.table({
-        "text": texts, "id": [f"<urn:uuid:{first + i:08d}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
-        "url": [f"https://example.org/{first + i}" for i in range(n)], "file_path": ["s3://commoncrawl/x.warc.gz"] * n,
-        "language": ["en"] * n, "language_score": [0.95] * n, "token_count": [len(t.split()) for t in texts],
-        "score": [3.2] * n, "int_score": [3] * n})
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, row_group_size=8)
-    return buffer.getvalue()
-
 
 @pytest.fixture(scope="module")
 def hub_to_read(corpus, tokenizer_dir, tmp_path_factory):

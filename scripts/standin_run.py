@@ -1,0 +1,108 @@
+"""Run a command against a stand-in of the Hub on loopback that serves a local corpus as FineWeb-Edu.
+
+The Hub is out of reach on the machines this project is measured on, so configs/gpt2-small.yaml's own code path
+(FineWeb-Edu's sample-10BT streamed by ranged Parquet reads, the tokenizer from openai-community/gpt2, HellaSwag
+from Rowan/hellaswag) is exercised against tests/hub_server.py instead: it publishes
+
+    HuggingFaceFW/fineweb-edu   config sample-10BT: the corpus's validation documents first (the head of the
+                                stream that val_documents holds out), then each train file, in FineWeb-Edu's columns
+                                (and a file of other documents as its default config, never read)
+    openai-community/gpt2       the tokenizer (vocab.json + merges.txt as the Hub's repo holds them) and config.json
+    Rowan/hellaswag             its validation split as one Parquet file, from a local JSON Lines copy
+
+and runs the command with HF_ENDPOINT pointing at it (a fresh HF_HOME, nothing offline), then prints what the
+stand-in served. Its exit status is the command's.
+
+    python scripts/standin_run.py --corpus data/english --tokenizer data/gpt2-tokenizer \\
+        --hellaswag data/eval/hellaswag_val.jsonl.xz -- \\
+        accelerate launch scripts/pretrain.py --config configs/gpt2-small.yaml --val_documents 104 ...
+"""
+
+import argparse
+import json
+import lzma
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the stand-in lives with the tests that also use it
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from hub_server import FINEWEB_EDU_README, HubStandIn, fineweb_edu_parquet  # noqa: E402
+
+
+def texts(path: Path) -> list[str]:
+    return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+
+
+def fineweb_edu(corpus: Path) -> tuple[dict[str, bytes], int]:
+    """The repo's files, and how many documents come first from the corpus's validation.parquet (0 without one)."""
+    head = texts(corpus / "validation.parquet") if (corpus / "validation.parquet").is_file() else []
+    parts = [head] if head else []
+    parts += [texts(p) for p in sorted(corpus.glob("train*.parquet"))]
+    if not parts:
+        sys.exit(f"error: no train*.parquet files in {corpus}")
+    # The default config (every dump) must hold files too: `datasets` resolves every config's files on loading one.
+    files = {"README.md": FINEWEB_EDU_README,
+             "data/CC-MAIN-2024-10/000_00000.parquet": fineweb_edu_parquet(["not the sample"] * 4, 0)}
+    first = 0
+    for i, part in enumerate(parts):
+        # Row groups of 256 documents: a streaming reader fetches each by its own ranged read, as from the Hub.
+        files[f"sample/10BT/{i:03d}_00000.parquet"] = fineweb_edu_parquet(part, first, row_group_size=256)
+        first += len(part)
+    return files, len(head)
+
+
+def hellaswag(path: Path) -> dict[str, bytes]:
+    with (lzma.open if path.suffix == ".xz" else open)(path, "rt") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(records), buffer)
+    return {"data/validation-00000-of-00001.parquet": buffer.getvalue().to_pybytes()}
+
+
+def gpt2(tokenizer: Path) -> dict[str, bytes]:
+    from transformers import GPT2Config
+
+    files = {name: (tokenizer / name).read_bytes() for name in ("vocab.json", "merges.txt")}
+    files["config.json"] = GPT2Config().to_json_string().encode()  # what AutoTokenizer reads to pick GPT-2's class
+    return files
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus", type=Path, required=True, help="a folder of train*.parquet (+ validation.parquet)")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="a folder with GPT-2's vocab.json + merges.txt")
+    parser.add_argument("--hellaswag", type=Path, help="HellaSwag's validation split as JSON Lines (.jsonl[.xz])")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --")
+
+    dataset, head = fineweb_edu(args.corpus)
+    with HubStandIn({}, max_requests=10**9, lifetime_s=7 * 24 * 3600) as hub, tempfile.TemporaryDirectory() as home:
+        hub.add_repo("HuggingFaceFW/fineweb-edu", dataset, kind="dataset")
+        hub.add_repo("openai-community/gpt2", gpt2(args.tokenizer))
+        if args.hellaswag:
+            hub.add_repo("Rowan/hellaswag", hellaswag(args.hellaswag), kind="dataset")
+        print(f"stand-in of the Hub at {hub.url}: HuggingFaceFW/fineweb-edu (sample-10BT, "
+              f"{sum(len(c) for c in dataset.values()) / 2**20:.0f} MiB; its first {head} documents are "
+              f"{args.corpus}/validation.parquet), openai-community/gpt2"
+              + (", Rowan/hellaswag" if args.hellaswag else ""), flush=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=home, HF_HUB_DISABLE_XET="1", PYTHONUNBUFFERED="1")
+        start = time.perf_counter()
+        rc = subprocess.call(command, env=env)
+        print(f"stand-in: {len(hub.requests):,} requests ({len(hub.ranges):,} ranged reads) in "
+              f"{time.perf_counter() - start:.0f} s; endpoints it lacks: {hub.unhandled or 'none'}", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
