@@ -22,6 +22,7 @@ import argparse
 import json
 import lzma
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,7 +99,11 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
         env.update(HF_ENDPOINT=hub.url, HF_HOME=home, HF_HUB_DISABLE_XET="1", PYTHONUNBUFFERED="1")
         start = time.perf_counter()
-        rc = subprocess.call(command, env=env)
+        child = subprocess.Popen(command, env=env)
+        # A stop asked of this script (Ctrl-C, `timeout`) goes to the run, which saves its checkpoint and ends.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda signum, _: child.send_signal(signum))
+        rc = child.wait()
         print(f"stand-in: {len(hub.requests):,} requests ({len(hub.ranges):,} ranged reads) in "
               f"{time.perf_counter() - start:.0f} s; endpoints it lacks: {hub.unhandled or 'none'}", flush=True)
     return rc
