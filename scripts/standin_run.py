@@ -7,7 +7,8 @@ from Rowan/hellaswag) is exercised against tests/hub_server.py instead: it publi
     HuggingFaceFW/fineweb-edu   config sample-10BT: the corpus's validation documents first (the head of the
                                 stream that val_documents holds out), then each train file, in FineWeb-Edu's columns
                                 (and a file of other documents as its default config, never read)
-    openai-community/gpt2       the tokenizer (vocab.json + merges.txt as the Hub's repo holds them) and config.json
+    openai-community/gpt2       the tokenizer's files (GPT-2's vocab.json + merges.txt, as the Hub's repo holds them)
+                                and a config.json
     Rowan/hellaswag             its validation split as one Parquet file, from a local JSON Lines copy
 
 and runs the command with HF_ENDPOINT pointing at it (a fresh HF_HOME, nothing offline), then prints what the
@@ -70,15 +71,18 @@ def hellaswag(path: Path) -> dict[str, bytes]:
 def gpt2(tokenizer: Path) -> dict[str, bytes]:
     from transformers import GPT2Config
 
-    files = {name: (tokenizer / name).read_bytes() for name in ("vocab.json", "merges.txt")}
-    files["config.json"] = GPT2Config().to_json_string().encode()  # what AutoTokenizer reads to pick GPT-2's class
+    files = {p.name: p.read_bytes() for p in sorted(tokenizer.iterdir()) if p.is_file()}
+    if not {"vocab.json", "tokenizer.json"} & set(files):
+        sys.exit(f"error: {tokenizer} holds no tokenizer (vocab.json + merges.txt, or tokenizer.json)")
+    # The Hub's repo has config.json, which AutoTokenizer reads to pick GPT-2's class for a bare vocab + merges.
+    files.setdefault("config.json", GPT2Config().to_json_string().encode())
     return files
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", type=Path, required=True, help="a folder of train*.parquet (+ validation.parquet)")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="a folder with GPT-2's vocab.json + merges.txt")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="a tokenizer folder (GPT-2's vocab.json + merges.txt)")
     parser.add_argument("--hellaswag", type=Path, help="HellaSwag's validation split as JSON Lines (.jsonl[.xz])")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
     args = parser.parse_args()

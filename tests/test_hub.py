@@ -5,6 +5,7 @@ HF_ENDPOINT points to. What arrived there is compared with the folder byte for b
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import re
 import shutil
@@ -448,3 +449,41 @@ def test_compare_downloads_openai_gpt2_from_the_hub_and_scores_it(hub_to_read, t
     expected = {**heldout_loss(model, tokenizer, hub_to_read.texts[:5]),
                 **run_hellaswag(model, tokenizer, load_benchmark("hellaswag", str(hellaswag))[0])}
     assert {k: scores[k] for k in expected} == pytest.approx(expected)
+
+
+def test_standin_run_serves_a_local_corpus_as_fineweb_edu_its_validation_first(corpus, tokenizer_dir, tmp_path):
+    """scripts/standin_run.py (how gpt2-small.yaml was measured on a GPU without the Hub): the real clients,
+    pointed at it, stream the corpus as FineWeb-Edu with validation.parquet's documents at the head, load the
+    tokenizer as openai-community/gpt2 and HellaSwag as Rowan/hellaswag; the command's exit status comes back."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    local = tmp_path / "corpus"
+    local.mkdir()
+    pq.write_table(pa.table({"text": texts[:3]}), local / "validation.parquet")
+    pq.write_table(pa.table({"text": texts[3:40]}), local / "train-0000.parquet")
+    pq.write_table(pa.table({"text": texts[40:]}), local / "train-0001.parquet")
+    probe = (
+        "import json; from datasets import load_dataset; from transformers import AutoTokenizer\n"
+        "stream = load_dataset('HuggingFaceFW/fineweb-edu', 'sample-10BT', split='train', streaming=True)\n"
+        "rows = list(stream)\n"
+        "print(json.dumps({'texts': [r['text'] for r in rows], 'columns': sorted(rows[0]),\n"
+        "    'vocab': len(AutoTokenizer.from_pretrained('openai-community/gpt2')),\n"
+        "    'hellaswag': len(load_dataset('Rowan/hellaswag', split='validation'))}))\n"
+        "raise SystemExit(3)\n")
+    hellaswag = ROOT / "tests" / "data" / "hellaswag_val_tiny.jsonl.xz"
+    result = subprocess.run([sys.executable, "scripts/standin_run.py", "--corpus", str(local), "--tokenizer",
+                             str(tokenizer_dir), "--hellaswag", str(hellaswag), "--", sys.executable, "-c", probe],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-3000:]
+    served = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert served["texts"] == texts  # validation's 3 documents first (the head val_documents holds out), then train
+    assert {"text", "id", "dump", "url", "language", "score", "int_score"} <= set(served["columns"])
+    from transformers import AutoTokenizer
+
+    assert served["vocab"] == len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    with lzma.open(hellaswag, "rt") as f:
+        assert served["hellaswag"] == sum(1 for line in f if line.strip())
+    assert "endpoints it lacks: none" in result.stdout
