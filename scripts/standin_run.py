@@ -110,7 +110,7 @@ def main() -> int:
         rc = child.wait()
         print(f"stand-in: {len(hub.requests):,} requests ({len(hub.ranges):,} ranged reads) in "
               f"{time.perf_counter() - start:.0f} s; endpoints it lacks: {hub.unhandled or 'none'}", flush=True)
-    return rc
+    return rc if rc >= 0 else 128 - rc  # a run a signal ended: as a shell reports it
 
 
 if __name__ == "__main__":
