@@ -4,8 +4,8 @@
 # (configs/english-124m-adamw.yaml) and the best Muon recipe (configs/english-124m.yaml on a 400-step schedule), each
 # stopped at the first evaluation at or under TARGET (stop_at_val_loss). The article's recipe reaches 4.33 only after
 # 42.7M tokens (over three minutes at its speed), so by default it runs SEED_TOKENS and its time is its tokens to
-# target (from a run to the target) over the tokens/s measured here; its curve is drawn for those tokens. Then the
-# chart: validation loss against seconds of training.
+# target (from a run to the target, SEED_CURVE) over the tokens/s measured here; its curve is drawn from that run at
+# this speed. Then the chart: validation loss against seconds of training.
 #
 #   bash scripts/time_to_quality.sh runs/ttq
 #   TARGET=4.0 MUON_FLAGS='--max_tokens 52428800' bash scripts/time_to_quality.sh runs/ttq-4.0
@@ -37,7 +37,15 @@ print(sys.argv[1], f"tokens {s['tokens']:,}", f"train_s {s['train_time_s']:.1f}"
 PY
 done
 [[ $recipes == "seed muon adamw" ]] || exit 0  # the chart is of all three
-python scripts/plot_curves.py "$out/seed" "$out/adamw" "$out/muon" \
+# The article's recipe drawn from its run to the target (SEED_CURVE) at the speed this call measured for it.
+seed_rate=$(python -c "import json, sys; s = json.load(open(sys.argv[1])); print(round(s['tokens'] / s['train_time_s']))" \
+  "$out/seed/summary.json") || exit 1
+curve=${SEED_CURVE:-docs/results/time-to-quality/seed-to-target}
+python -c "import json, sys; t = json.load(open(sys.argv[1]))['time_to_target']; rate = int(sys.argv[2])
+print(f\"the article's recipe: {t['tokens']:,} tokens to target ({sys.argv[1]}) / {rate:,} tokens/s = {t['tokens'] / rate:.1f} s\")" \
+  "$curve/summary.json" "$seed_rate"
+python scripts/plot_curves.py "$curve" "$out/adamw" "$out/muon" \
+  --tokens_per_s "$seed_rate" 0 0 \
   --labels "the article's recipe (seed-3090.yaml)" "AdamW (english-124m-adamw.yaml)" "Muon (english-124m.yaml)" \
   --x seconds --target "$target" --title "GPT-2 124M, English corpus, one GPU: validation loss against training time" \
   --out "$out/time-to-quality.png"
