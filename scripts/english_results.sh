@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The English results of docs/results/README.md and docs/results/english/, on a machine with two GPUs: the corrected
-# recipe (configs/english-124m-adamw.yaml) and the seed article's (configs/seed-3090.yaml pointed at the same
+# recipe (CORRECTED_CONFIG: configs/english-124m.yaml, the best measured, Muon since 2026-12-03; the table was first
+# made with configs/english-124m-adamw.yaml) and the seed article's (configs/seed-3090.yaml pointed at the same
 # corpus, the same token budget) trained side by side, one GPU each; then SFT and LoRA of the corrected base
 # beside both bases' scripts/compare.py, and last the benchmark of the corrected run's settings.
 # CORRECTED_FLAGS adds flags to the corrected run (--save_every 0 saves its checkpoints' 20 s).
@@ -14,11 +15,12 @@ mkdir -p "$R"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 L="accelerate launch --config_file accelerate_config.yaml"
 step() { echo "== $(date -u +%H:%M:%S) $*"; }
+CORRECTED_CONFIG=${CORRECTED_CONFIG:-configs/english-124m.yaml}
 
 corrected() {
   export CUDA_VISIBLE_DEVICES=0
   step pretrain corrected
-  $L scripts/pretrain.py --config configs/english-124m-adamw.yaml --output_dir runs/english-124m ${CORRECTED_FLAGS:-}
+  $L scripts/pretrain.py --config "$CORRECTED_CONFIG" --output_dir runs/english-124m ${CORRECTED_FLAGS:-}
 }
 
 adapt() {  # SFT and LoRA of the corrected base: small runs, beside the comparison on the same GPU
@@ -64,9 +66,9 @@ wait  # for SFT and LoRA
 # Last, as the least needed: the benchmark of the corrected run's settings, to set its tokens/s beside.
 if [ -d runs/english-124m/final ]; then
   step benchmark, the same settings: real data, then random tokens >> "$R/corrected.log"
-  python3 scripts/benchmark.py --config configs/english-124m-adamw.yaml --benchmark_data config --output_dir /tmp/bench-config \
+  python3 scripts/benchmark.py --config "$CORRECTED_CONFIG" --benchmark_data config --output_dir /tmp/bench-config \
     >> "$R/corrected.log" 2>&1
-  python3 scripts/benchmark.py --config configs/english-124m-adamw.yaml --benchmark_data random --output_dir /tmp/bench-random \
+  python3 scripts/benchmark.py --config "$CORRECTED_CONFIG" --benchmark_data random --output_dir /tmp/bench-random \
     >> "$R/corrected.log" 2>&1
 fi
 step done >> "$R/corrected.log"
