@@ -20,9 +20,6 @@ stand-in served. Its exit status is the command's.
 """
 
 import argparse
-import json
-import lzma
-import os
 import signal
 import subprocess
 import sys
@@ -31,11 +28,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the stand-in lives with the tests that also use it
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # a checkout, no install; the stand-in lives with its tests
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from hub_server import FINEWEB_EDU_README, HubStandIn, fineweb_edu_parquet  # noqa: E402
+from hub_server import FINEWEB_EDU_README, HubStandIn, fineweb_edu_parquet, hub_env  # noqa: E402
+
+from hf_gpt.benchmarks import load_benchmark  # noqa: E402
+from hf_gpt.config import UserError  # noqa: E402
 
 
 def texts(path: Path) -> list[str]:
@@ -61,8 +61,7 @@ def fineweb_edu(corpus: Path) -> tuple[dict[str, bytes], int]:
 
 
 def hellaswag(path: Path) -> dict[str, bytes]:
-    with (lzma.open if path.suffix == ".xz" else open)(path, "rt") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records, _ = load_benchmark("hellaswag", str(path))  # read and checked as compare.py reads a local copy
     buffer = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(records), buffer)
     return {"data/validation-00000-of-00001.parquet": buffer.getvalue().to_pybytes()}
@@ -91,17 +90,20 @@ def main() -> int:
         parser.error("give the command to run after --")
 
     dataset, head = fineweb_edu(args.corpus)
+    try:
+        hellaswag_files = hellaswag(args.hellaswag) if args.hellaswag else None
+    except UserError as e:
+        sys.exit(f"error: {e}")
     with HubStandIn({}, max_requests=10**9, lifetime_s=7 * 24 * 3600) as hub, tempfile.TemporaryDirectory() as home:
         hub.add_repo("HuggingFaceFW/fineweb-edu", dataset, kind="dataset")
         hub.add_repo("openai-community/gpt2", gpt2(args.tokenizer))
-        if args.hellaswag:
-            hub.add_repo("Rowan/hellaswag", hellaswag(args.hellaswag), kind="dataset")
+        if hellaswag_files:
+            hub.add_repo("Rowan/hellaswag", hellaswag_files, kind="dataset")
         print(f"stand-in of the Hub at {hub.url}: HuggingFaceFW/fineweb-edu (sample-10BT, "
               f"{sum(len(c) for c in dataset.values()) / 2**20:.0f} MiB; its first {head} documents are "
               f"{args.corpus}/validation.parquet), openai-community/gpt2"
               + (", Rowan/hellaswag" if args.hellaswag else ""), flush=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
-        env.update(HF_ENDPOINT=hub.url, HF_HOME=home, HF_HUB_DISABLE_XET="1", PYTHONUNBUFFERED="1")
+        env = hub_env(hub.url, home)
         start = time.perf_counter()
         child = subprocess.Popen(command, env=env)
         # A stop asked of this script (Ctrl-C, `timeout`) goes to the run, which saves its checkpoint and ends.

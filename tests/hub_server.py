@@ -39,6 +39,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import re
 import threading
 import uuid
@@ -58,6 +59,15 @@ LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub also sends any file over 10 MB 
 def git_blob_oid(content: bytes) -> str:
     """git's object id of a file: what the Hub reports as `oid` for a regular file."""
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+def hub_env(endpoint: str, home, token: str | None = None) -> dict[str, str]:
+    """A user's environment with the Hub at `endpoint` and a cache of its own (nothing offline), for the real
+    clients run in a subprocess. Xet off: the stand-in speaks the regular upload protocol (above)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               PYTHONUNBUFFERED="1", **({"HF_TOKEN": token} if token else {}))
+    return env
 
 
 FINEWEB_EDU_README = b"""---

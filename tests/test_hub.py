@@ -20,7 +20,7 @@ from huggingface_hub import ModelCard
 
 from hf_gpt.config import UserError
 from hf_gpt.hub import prepare_folder, read_folder, results_row
-from hub_server import FINEWEB_EDU_README, HubStandIn, Repo, fineweb_edu_parquet
+from hub_server import FINEWEB_EDU_README, HubStandIn, Repo, fineweb_edu_parquet, hub_env
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tokens shaped like real ones, so that a leak anywhere would be found by a plain search.
@@ -99,14 +99,6 @@ def push(endpoint: str, *args, token: str | None = TOKEN, home: Path) -> subproc
     speaks the regular protocol (preupload, LFS batch, PUT, commit)."""
     return subprocess.run([sys.executable, "scripts/push_to_hub.py", *map(str, args)], cwd=ROOT,
                           env=hub_env(endpoint, home, token), capture_output=True, text=True, timeout=120)
-
-
-def hub_env(endpoint: str, home: Path, token: str | None = None) -> dict[str, str]:
-    """A user's environment with the Hub at `endpoint` and a cache of its own (nothing offline)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-               PYTHONUNBUFFERED="1", **({"HF_TOKEN": token} if token else {}))
-    return env
 
 
 def ok(result: subprocess.CompletedProcess) -> str:
