@@ -363,10 +363,27 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_pretrain_streams_fineweb_edu_from_the_hub_starts_in_seconds_and_resumes_exactly(hub_to_read, tiny_args,
-                                                                                         tmp_path):
+def assert_resumed_like(whole: Path, resumed: Path) -> None:
+    """The resumed run logged the uninterrupted run's losses, bit for bit, and ended with its weights.
+
+    The weights are held to rounding, not bits: once on CI (2026-12-03, 2 CPU cores) the final weights of the
+    one-process pair differed with every loss still equal to the bit; 23 resumes here (16 with both cores busy
+    elsewhere) never did it again. Equal losses at every step leave only rounding, which AdamW can enlarge where a
+    gradient is near zero (by lr x noise / eps: ~1e-4 at most, for a few elements); one batch read out of place, or an
+    optimizer state restored wrong, moves every weight by about the learning rate (3e-3), a tenth of their size
+    after four steps. Bit-exact weights on resume are held by test_engine's resume tests, on local data."""
     from safetensors.torch import load_file
 
+    losses = [[(r["step"], r["loss"]) for r in metrics(run) if "loss" in r] for run in (whole, resumed)]
+    assert losses[0] == losses[1]
+    expected, weights = (load_file(run / "final" / "model.safetensors") for run in (whole, resumed))
+    assert expected.keys() == weights.keys()
+    worst = max(((expected[k] - weights[k]).norm() / expected[k].norm()).item() for k in expected)
+    assert worst <= 1e-3, f"final weights differ by up to {worst:.3g} of their norm"
+
+
+def test_pretrain_streams_fineweb_edu_from_the_hub_starts_in_seconds_and_resumes_exactly(hub_to_read, tiny_args,
+                                                                                         tmp_path):
     home = tmp_path / "home"
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     streamed(fineweb_args(tiny_args, whole, "--max_steps", "4", "--save_every", "2"), hub_to_read, home)
@@ -385,15 +402,11 @@ def test_pretrain_streams_fineweb_edu_from_the_hub_starts_in_seconds_and_resumes
     resumed = streamed(fineweb_args(tiny_args, halves, "--max_steps", "4", "--save_every", "2", "--resume"),
                        hub_to_read, home)
     assert "resumed from" in resumed.stdout and "step_00000002 at step 2" in resumed.stdout
-    losses = [[(r["step"], r["loss"]) for r in metrics(run) if "loss" in r] for run in (whole, halves)]
-    assert losses[0] == losses[1]
-    expected, weights = (load_file(run / "final" / "model.safetensors") for run in (whole, halves))
-    assert all(torch.equal(expected[k], weights[k]) for k in expected)
+    assert_resumed_like(whole, halves)
 
 
 def test_pretrain_streams_fineweb_edu_on_two_processes_with_hellaswag_and_resumes_exactly(hub_to_read, tiny_args,
                                                                                           tmp_path):
-    from safetensors.torch import load_file
     from test_engine import launch_two
 
     run, halves = tmp_path / "two", tmp_path / "halves"
@@ -416,10 +429,7 @@ def test_pretrain_streams_fineweb_edu_on_two_processes_with_hellaswag_and_resume
     resumed = launch_two(*fineweb_args(tiny_args, halves, "--max_steps", "4", "--save_every", "2", "--hellaswag",
                                        str(hellaswag), "--resume"), env=env)
     assert "step_00000002 at step 2" in resumed.stdout + resumed.stderr
-    losses = [[(r["step"], r["loss"]) for r in metrics(folder) if "loss" in r] for folder in (run, halves)]
-    assert losses[0] == losses[1]
-    expected, weights = (load_file(folder / "final" / "model.safetensors") for folder in (run, halves))
-    assert all(torch.equal(expected[k], weights[k]) for k in expected)
+    assert_resumed_like(run, halves)
 
 
 def test_compare_downloads_openai_gpt2_from_the_hub_and_scores_it(hub_to_read, tmp_path):
