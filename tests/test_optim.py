@@ -1,3 +1,4 @@
+import json
 import math
 from types import SimpleNamespace
 
@@ -327,12 +328,22 @@ def test_muon_on_two_processes_trains_like_one_with_twice_the_batch(tiny_args, t
     one = in_process_run([*common, "--output_dir", str(tmp_path / "one")])
     # Each of the two processes takes 4 of the 8 rows the one process reads (tests/two_process_train.py).
     launch_two("tests/two_process_train.py", *common, "--output_dir", str(tmp_path / "two"))
+    # Each process orthogonalised half of the matrices (optim.orthogonalise): both ended with the same weights.
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["trained"] == ranks[1]["trained"]
     two = final_weights(tmp_path / "two")
     initial = build_model_weights(tiny_args)
     for name in one:
         # Newton-Schulz runs in bf16: the all-reduce's rounding may move an entry by a bf16 step of the update.
         torch.testing.assert_close(two[name] - initial[name], one[name] - initial[name], atol=2e-3, rtol=0.05)
     assert any((one[n] - initial[n]).abs().max() > 0.01 for n in one)
+
+
+def test_muon_shares_newton_schulz_between_processes_and_each_gets_the_whole_stack():
+    from test_engine import launch_two
+
+    result = launch_two("tests/two_process_muon.py", timeout=120)
+    assert result.stdout.count("every stack as one process computes it") == 2
 
 
 def build_model_weights(tiny_args) -> dict:

@@ -1,8 +1,10 @@
 """Launched by test_loop as two processes (torchrun + ACCELERATE_USE_CPU): pretrains the tiny model on a
 stream in which process k of n takes rows k::n of every batch that one process would read, so that
 n processes x b rows train on exactly the batches of 1 process x n*b rows. Every process also writes a
-checksum of the weights the recipe built and the next numbers its RNG gives after training."""
+checksum of the weights the recipe built, a digest of the weights it trained, and the next numbers its RNG gives
+after training."""
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -45,4 +47,6 @@ model = build_model(cfg, len(data.tokenizer), data.tokenizer.eos_token_id)
 built = sum(p.double().sum().item() for p in model.parameters())
 train(cfg, model, data.tokenizer, RowsOfOneStream(data), accelerator)
 rank = accelerator.process_index
-(Path(cfg.output_dir) / f"rank{rank}.json").write_text(json.dumps({"built": built, "rand": torch.rand(4).tolist()}))
+trained = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+(Path(cfg.output_dir) / f"rank{rank}.json").write_text(
+    json.dumps({"built": built, "trained": trained, "rand": torch.rand(4).tolist()}))
