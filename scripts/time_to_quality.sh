@@ -10,13 +10,16 @@
 #   bash scripts/time_to_quality.sh runs/ttq
 #   TARGET=4.0 MUON_FLAGS='--max_tokens 52428800' bash scripts/time_to_quality.sh runs/ttq-4.0
 #   RECIPES=muon MUON_FLAGS='--read_ahead 96' bash scripts/time_to_quality.sh runs/ttq-muon   # some of them only
+# On several GPUs: the same recipe, launched on each (its 65,536 tokens a step split among them: 8 rows a GPU on eight)
+#   LAUNCH='accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8' RECIPES=muon \
+#     MUON_FLAGS='--micro_batch_size 8' bash scripts/time_to_quality.sh runs/ttq-8
 set -uo pipefail
 out=${1:-runs/ttq}
 target=${TARGET:-4.33}
 mkdir -p "$out"
 recipe() {  # NAME FLAGS...
   local name=$1; shift
-  python scripts/pretrain.py --output_dir "$out/$name" --stop_at_val_loss "$target" --save_every 0 --sample_prompts \
+  ${LAUNCH:-python} scripts/pretrain.py --output_dir "$out/$name" --stop_at_val_loss "$target" --save_every 0 --sample_prompts \
     "$@" > "$out/$name.log" 2>&1 || { echo "$name failed: $out/$name.log"; grep -E "Error|error" "$out/$name.log" | tail -3; }
 }
 recipes=${RECIPES:-seed muon adamw}
