@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from .config import UserError, first_line
 from .data import DocumentSource, in_holdout
-from .evaluation import load_metric, loglikelihood, rolling_loglikelihood
+from .evaluation import encode_pairs, load_metric, loglikelihood, rolling_loglikelihood, score_tokens
+from .loading import context_length
 
 
 @dataclass(frozen=True)
@@ -201,16 +202,23 @@ def wikitext_detokenize(page: str) -> str:
     return s
 
 
-def run_hellaswag(model, tokenizer, docs: list[dict], *, batch_size: int = 16, desc: str | None = None) -> dict:
-    """Zero-shot, completion style: log P(" " + ending | context) for each ending."""
-    items = [hellaswag_item(doc) for doc in docs]
-    pairs = [(context, " " + ending) for context, endings, _ in items for ending in endings]
-    results = iter(loglikelihood(model, tokenizer, pairs, batch_size=batch_size, desc=desc))
-    lls = [[next(results)[0] for _ in endings] for _, endings, _ in items]
-    scores = load_metric("multiple_choice_acc").compute(
-        loglikelihoods=lls, lengths=[[len(e) for e in endings] for _, endings, _ in items],
-        label=[gold for _, _, gold in items])
+def run_hellaswag(model, tokenizer, docs: list[dict], *, batch_size: int = 16, desc: str | None = None,
+                  encoded: tuple | None = None) -> dict:
+    """Zero-shot, completion style: log P(" " + ending | context) for each ending. `encoded`: what
+    encode_hellaswag made of these docs earlier (the training loop scores the same items at every evaluation)."""
+    requests, lengths, gold = encoded or encode_hellaswag(tokenizer, docs)
+    results = iter(score_tokens(model, requests, max_length=context_length(model, tokenizer), batch_size=batch_size,
+                                desc=desc))
+    lls = [[next(results)[0] for _ in endings] for endings in lengths]
+    scores = load_metric("multiple_choice_acc").compute(loglikelihoods=lls, lengths=lengths, label=gold)
     return {"hellaswag_acc": scores["acc"], "hellaswag_acc_norm": scores["acc_norm"]}
+
+
+def encode_hellaswag(tokenizer, docs: list[dict]) -> tuple[list, list[list[int]], list[int]]:
+    """Each item's four (context, ending) token-id pairs, its endings' lengths in characters, its gold ending."""
+    items = [hellaswag_item(doc) for doc in docs]
+    requests = encode_pairs(tokenizer, [(context, " " + ending) for context, endings, _ in items for ending in endings])
+    return requests, [[len(e) for e in endings] for _, endings, _ in items], [gold for _, _, gold in items]
 
 
 def run_lambada(model, tokenizer, docs: list[dict], *, batch_size: int = 16, desc: str | None = None) -> dict:
@@ -254,6 +262,7 @@ class HellaSwag:
         hub = source == BENCHMARKS["hellaswag"].path
         self.records, self.described = load_benchmark("hellaswag", None if hub else source, items or None)
         self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.encoded = None  # this process's share, tokenized at the first evaluation
 
     def run(self, model, accelerator) -> dict:
         import torch
@@ -261,7 +270,9 @@ class HellaSwag:
         share = self.records[accelerator.process_index::accelerator.num_processes]
         counts = [0.0, 0.0, 0.0]
         if share:
-            scores = run_hellaswag(model, self.tokenizer, share, batch_size=self.batch_size)
+            if self.encoded is None:  # once a run: the same items at every evaluation
+                self.encoded = encode_hellaswag(self.tokenizer, share)
+            scores = run_hellaswag(model, self.tokenizer, share, batch_size=self.batch_size, encoded=self.encoded)
             counts = [round(scores["hellaswag_acc"] * len(share)), round(scores["hellaswag_acc_norm"] * len(share)),
                       len(share)]
         correct, correct_norm, items = accelerator.reduce(

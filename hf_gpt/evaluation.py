@@ -38,16 +38,30 @@ def prefix_token_id(tokenizer) -> int:
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Context and continuation token ids, split as lm-eval splits them (see the module docstring)."""
-    if not context:
-        cont = tokenizer.encode(continuation, add_special_tokens=False)
-        prefix = prefix_token_id(tokenizer)
-        return ([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:])
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
-    return ctx, whole[len(ctx):]
+    return encode_pairs(tokenizer, [(context, continuation)])[0]
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """encode_pair of every pair, the texts encoded as lists: a fast tokenizer encodes a list in parallel, and
+    each distinct context is encoded once (HellaSwag's four endings share theirs). HellaSwag's 40,168 pairs:
+    21.2 s one string at a time, 9.4 s as lists (2 CPU cores)."""
+    split = []
+    for context, continuation in pairs:
+        spaces = len(context) - len(context.rstrip())
+        split.append((context[:len(context) - spaces], context[len(context) - spaces:] + continuation, bool(context)))
+    contexts = list(dict.fromkeys(context for context, _, given in split if given))
+    context_ids = dict(zip(contexts, tokenizer(contexts)["input_ids"])) if contexts else {}
+    wholes = iter(tokenizer([c + k for c, k, given in split if given])["input_ids"] if contexts else [])
+    prefix = prefix_token_id(tokenizer)
+    encoded = []
+    for context, continuation, given in split:
+        if given:
+            ctx = context_ids[context]
+            encoded.append((ctx, next(wholes)[len(ctx):]))
+        else:
+            cont = tokenizer.encode(continuation, add_special_tokens=False)
+            encoded.append(([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:]))
+    return encoded
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -73,7 +87,10 @@ def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tup
 def score_tokens(model, requests: list[tuple[list[int], list[int]]], *, max_length: int, batch_size: int = 16,
                  desc: str | None = None) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the summed log-probability of the continuation, and
-    whether greedy decoding would produce exactly it (every continuation token is the argmax)."""
+    whether greedy decoding would produce exactly it (every continuation token is the argmax).
+
+    A batch's results are read back once: one host sync a batch, where reading each request's (and copying its
+    continuation to the device) took three, 120k for HellaSwag's 40,168 requests, each stalling the GPU."""
     # Longest first, as lm-eval does: similar lengths share a batch, and memory trouble shows at once.
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
@@ -91,19 +108,23 @@ def score_tokens(model, requests: list[tuple[list[int], list[int]]], *, max_leng
         for r, row in enumerate(rows):
             inputs[r, :len(row)] = torch.tensor(row)
         logits = model(input_ids=inputs.to(device)).logits
-        for r, i in enumerate(batch):
-            continuation = torch.tensor(requests[i][1], device=device)
+        continuations = torch.tensor([t for i in batch for t in requests[i][1]]).to(device).split(
+            [len(requests[i][1]) for i in batch])
+        scored = []
+        for r, continuation in enumerate(continuations):
             end = len(rows[r])
             logprobs = F.log_softmax(logits[r, end - len(continuation):end].float(), dim=-1)
-            ll = logprobs.gather(-1, continuation[:, None]).sum().item()
-            results[i] = (ll, bool((logprobs.argmax(-1) == continuation).all()))
+            scored.append(torch.stack([logprobs.gather(-1, continuation[:, None]).sum(),
+                                       (logprobs.argmax(-1) != continuation).sum().float()]))
+        for i, (ll, missed) in zip(batch, torch.stack(scored).tolist()):
+            results[i] = (ll, missed == 0)
     return results
 
 
 def loglikelihood(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int = 16,
                   desc: str | None = None) -> list[tuple[float, bool]]:
     """lm-eval's `loglikelihood` request: log P(continuation | context) and is-greedy, per pair."""
-    requests = [encode_pair(tokenizer, context, continuation) for context, continuation in pairs]
+    requests = encode_pairs(tokenizer, pairs)
     return score_tokens(model, requests, max_length=context_length(model, tokenizer), batch_size=batch_size,
                         desc=desc)
 

@@ -24,7 +24,7 @@ from hf_gpt.benchmarks import (hellaswag_item, load_benchmark, run_hellaswag, ru
                                wikitext_detokenize)
 from hf_gpt.compare import resolve_tasks, samples_and_speed
 from hf_gpt.config import UserError
-from hf_gpt.evaluation import encode_pair, heldout_loss, loglikelihood, rolling_windows
+from hf_gpt.evaluation import encode_pair, encode_pairs, heldout_loss, loglikelihood, rolling_windows
 from hf_gpt.loading import load_model, load_tokenizer
 from hf_gpt.tokenizer import train_bpe
 
@@ -91,6 +91,20 @@ def test_context_and_continuation_split_as_lm_eval(tokenizer):
     assert ctx == tokenizer.encode("the zoo has a")
     assert tokenizer.decode(cont) == " cat" and len(cont) == 1
     assert encode_pair(tokenizer, "", " cat") == ([tokenizer.eos_token_id], tokenizer.encode(" cat"))
+
+
+def test_pairs_encoded_together_as_one_at_a_time(tokenizer):
+    pairs = [("the zoo has a ", "cat"), ("the zoo has a", " dog"), ("the zoo has a", " cat"), ("", " cat"),
+             ("Zoo: keepers", " feed"), ("the zoo has a ", "cat")]  # shared and repeated contexts, an empty one
+    expected = []
+    for context, continuation in pairs:  # encode_pair's rule, one string at a time
+        if not context:
+            expected.append(([tokenizer.eos_token_id], tokenizer.encode(continuation)))
+            continue
+        stripped = context.rstrip()
+        ctx, whole = tokenizer.encode(stripped), tokenizer.encode(stripped + context[len(stripped):] + continuation)
+        expected.append((ctx, whole[len(ctx):]))
+    assert encode_pairs(tokenizer, pairs) == expected
 
 
 def test_uniform_model_heldout_loss_is_ln_vocab(uniform_dir, tokenizer):
