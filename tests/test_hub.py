@@ -368,10 +368,10 @@ def assert_resumed_like(whole: Path, resumed: Path) -> None:
 
     The weights are held to rounding, not bits: once on CI (2026-12-03, 2 CPU cores) the final weights of the
     one-process pair differed with every loss still equal to the bit; 23 resumes here (16 with both cores busy
-    elsewhere) never did it again. Equal losses at every step leave only rounding, which AdamW can enlarge where a
-    gradient is near zero (by lr x noise / eps: ~1e-4 at most, for a few elements); one batch read out of place, or an
-    optimizer state restored wrong, moves every weight by about the learning rate (3e-3), a tenth of their size
-    after four steps. Bit-exact weights on resume are held by test_engine's resume tests, on local data."""
+    elsewhere) never did it again. Equal losses at every step leave only rounding (which AdamW enlarges, by lr /
+    eps, for the elements whose gradient is near zero); one batch read out of place, or an optimizer state restored
+    wrong, moves the weights as a step does: this run's weights two steps apart differ by 0.57 of a tensor's norm.
+    Bit-exact weights on resume are held by test_engine's resume tests, on local data."""
     from safetensors.torch import load_file
 
     losses = [[(r["step"], r["loss"]) for r in metrics(run) if "loss" in r] for run in (whole, resumed)]
