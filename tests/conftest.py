@@ -50,6 +50,20 @@ def tiny_args(corpus, tokenizer_dir) -> list[str]:
             "--eval_batches", "2", "--log_every", "1", "--mixed_precision", "no", "--sample_prompts", "def "]
 
 
+def assert_weights_match(expected: dict, got: dict, tolerance: float = 1e-3) -> None:
+    """Two runs' weights that should be the same (a run and its resumed twin, each in its own process): every
+    tensor within `tolerance` of its norm.
+
+    Not bit for bit: on this CI machine they are bit-exact run after run, yet twice on 2026-12-03 a whole-suite run
+    found rounding between two processes (6.2e-6 at most, in the embedding rows of rare tokens, where AdamW divides a
+    near-zero gradient's rounding by eps; every loss equal to 1e-6), never reproduced in 26 runs of those tests
+    here. A resume that goes wrong moves the weights as training steps do: two steps apart they differ by 0.57 of a
+    tensor's norm."""
+    assert expected.keys() == got.keys()
+    worst = max(((expected[k] - got[k]).norm() / expected[k].norm()).item() for k in expected)
+    assert worst <= tolerance, f"weights differ by up to {worst:.3g} of a tensor's norm"
+
+
 def run_script(*args: str, check: bool = True, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run a script of the project as a user would, in a fresh interpreter."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

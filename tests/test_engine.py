@@ -15,7 +15,7 @@ import yaml
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_weights_match, run_script
 from hf_gpt.checkpoints import checkpoint_dirs, save_checkpoint, save_final
 from hf_gpt.config import PretrainConfig, UserError, load_config
 from hf_gpt.data import PretrainData
@@ -90,8 +90,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(straight_run, tmp_path)
     assert final_state(straight)["data"] == final_state(out)["data"]
     wa = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
     wb = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
+    assert_weights_match(wa, wb)
 
 
 def test_final_folder_loads_with_plain_transformers(straight_run):

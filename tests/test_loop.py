@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_weights_match, run_script
 from hf_gpt.benchmarks import load_benchmark, run_hellaswag
 from hf_gpt.checkpoints import checkpoint_dirs
 from hf_gpt.config import PretrainConfig, UserError, load_config
@@ -155,9 +155,7 @@ def test_token_shards_resume_exactly(corpus, tokenizer_dir, tiny_args, tmp_path)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
-    expected = final_weights(straight)
-    for name in expected:
-        torch.testing.assert_close(weights[name], expected[name], atol=1e-6, rtol=0)
+    assert_weights_match(final_weights(straight), weights)
 
 
 def test_an_inf_gradient_at_a_finite_loss_stops_the_run_before_it_reaches_the_weights(tiny_args, tmp_path):
