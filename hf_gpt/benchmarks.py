@@ -202,11 +202,15 @@ def wikitext_detokenize(page: str) -> str:
     return s
 
 
-def run_hellaswag(model, tokenizer, docs: list[dict], *, batch_size: int = 16, desc: str | None = None,
-                  encoded: tuple | None = None) -> dict:
-    """Zero-shot, completion style: log P(" " + ending | context) for each ending. `encoded`: what
-    encode_hellaswag made of these docs earlier (the training loop scores the same items at every evaluation)."""
-    requests, lengths, gold = encoded or encode_hellaswag(tokenizer, docs)
+def run_hellaswag(model, tokenizer, docs: list[dict], *, batch_size: int = 16, desc: str | None = None) -> dict:
+    """Zero-shot, completion style: log P(" " + ending | context) for each ending."""
+    return score_hellaswag(model, tokenizer, encode_hellaswag(tokenizer, docs), batch_size=batch_size, desc=desc)
+
+
+def score_hellaswag(model, tokenizer, encoded: tuple, *, batch_size: int = 16, desc: str | None = None) -> dict:
+    """run_hellaswag on items encode_hellaswag already tokenized (the training loop scores the same items at every
+    evaluation)."""
+    requests, lengths, gold = encoded
     results = iter(score_tokens(model, requests, max_length=context_length(model, tokenizer), batch_size=batch_size,
                                 desc=desc))
     lls = [[next(results)[0] for _ in endings] for endings in lengths]
@@ -253,8 +257,8 @@ GPT2_124M_HELLASWAG_LABEL = "OpenAI GPT-2 124M, 0.3114 (acc_norm as lm-eval scor
 class HellaSwag:
     """HellaSwag in the training loop (an hf_gpt.evaluation.EvalTask): `source` a JSON Lines file (plain or
     .xz/.gz/.bz2) with Rowan/hellaswag's fields, or that Hub dataset's id (its validation split); its first
-    `items` records (0: all). Every process scores records[index::processes] with run_hellaswag, and the
-    correct answers are summed over processes."""
+    `items` records (0: all). Every process scores records[index::processes] with score_hellaswag, tokenized at
+    the first evaluation, and the correct answers are summed over processes."""
 
     name = "hellaswag"
 
@@ -262,7 +266,7 @@ class HellaSwag:
         hub = source == BENCHMARKS["hellaswag"].path
         self.records, self.described = load_benchmark("hellaswag", None if hub else source, items or None)
         self.tokenizer, self.batch_size = tokenizer, batch_size
-        self.encoded = None  # this process's share, tokenized at the first evaluation
+        self.encoded = None  # this process's share, encode_hellaswag's
 
     def run(self, model, accelerator) -> dict:
         import torch
@@ -272,7 +276,7 @@ class HellaSwag:
         if share:
             if self.encoded is None:  # once a run: the same items at every evaluation
                 self.encoded = encode_hellaswag(self.tokenizer, share)
-            scores = run_hellaswag(model, self.tokenizer, share, batch_size=self.batch_size, encoded=self.encoded)
+            scores = score_hellaswag(model, self.tokenizer, self.encoded, batch_size=self.batch_size)
             counts = [round(scores["hellaswag_acc"] * len(share)), round(scores["hellaswag_acc_norm"] * len(share)),
                       len(share)]
         correct, correct_norm, items = accelerator.reduce(

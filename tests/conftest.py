@@ -50,6 +50,14 @@ def tiny_args(corpus, tokenizer_dir) -> list[str]:
             "--eval_batches", "2", "--log_every", "1", "--mixed_precision", "no", "--sample_prompts", "def "]
 
 
+def assert_losses_match(expected: dict[int, float], got: dict[int, float]) -> None:
+    """Two runs' logged losses by step (a run and its resumed twin): the same steps, each loss within 1e-6
+    (assert_weights_match says why not to the bit)."""
+    assert expected.keys() == got.keys()
+    for step in expected:
+        assert abs(expected[step] - got[step]) <= 1e-6, (step, expected[step], got[step])
+
+
 def assert_weights_match(expected: dict, got: dict, tolerance: float = 1e-3) -> None:
     """Two runs' weights that should be the same (a run and its resumed twin, each in its own process): every
     tensor within `tolerance` of its norm.

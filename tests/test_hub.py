@@ -20,7 +20,7 @@ from huggingface_hub import ModelCard
 
 from hf_gpt.config import UserError
 from hf_gpt.hub import prepare_folder, read_folder, results_row
-from conftest import assert_weights_match
+from conftest import assert_losses_match, assert_weights_match
 from hub_server import FINEWEB_EDU_README, HubStandIn, Repo, fineweb_edu_parquet, hub_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -365,13 +365,10 @@ def metrics(run: Path) -> list[dict]:
 
 
 def assert_resumed_like(whole: Path, resumed: Path) -> None:
-    """The resumed run logged the uninterrupted run's losses and ended with its weights, to rounding
-    (conftest.assert_weights_match says why not to the bit)."""
+    """The resumed run logged the uninterrupted run's losses and ended with its weights, to rounding."""
     from safetensors.torch import load_file
 
-    losses = [dict((r["step"], r["loss"]) for r in metrics(run) if "loss" in r) for run in (whole, resumed)]
-    assert losses[0].keys() == losses[1].keys()
-    assert all(abs(losses[0][step] - losses[1][step]) <= 1e-6 for step in losses[0]), losses
+    assert_losses_match(*({r["step"]: r["loss"] for r in metrics(run) if "loss" in r} for run in (whole, resumed)))
     assert_weights_match(*(load_file(run / "final" / "model.safetensors") for run in (whole, resumed)))
 
 

@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import ROOT, assert_weights_match, run_script
+from conftest import ROOT, assert_losses_match, assert_weights_match, run_script
 from hf_gpt.benchmarks import load_benchmark, run_hellaswag
 from hf_gpt.checkpoints import checkpoint_dirs
 from hf_gpt.config import PretrainConfig, UserError, load_config
@@ -153,8 +153,7 @@ def test_token_shards_resume_exactly(corpus, tokenizer_dir, tiny_args, tmp_path)
     weights = in_process_run([*args, "--output_dir", str(resumed), "--resume"])
     a, b = losses(straight), losses(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 13))
-    for step in a:
-        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    assert_losses_match(a, b)
     assert_weights_match(final_weights(straight), weights)
 
 
