@@ -4,7 +4,10 @@
 # made with configs/english-124m-adamw.yaml) and the seed article's (configs/seed-3090.yaml pointed at the same
 # corpus, the same token budget) trained side by side, one GPU each; then SFT and LoRA of the corrected base
 # beside both bases' scripts/compare.py, and last the benchmark of the corrected run's settings.
-# CORRECTED_FLAGS adds flags to the corrected run (--save_every 0 saves its checkpoints' 20 s).
+# CORRECTED_FLAGS adds flags to the corrected run (--save_every 0 saves its checkpoints' 20 s), SEED_FLAGS to the seed
+# one. The seed run alone takes ~10 minutes of training on an H200, more than one ten-minute call of a lent machine:
+# SEED_STOP_AFTER=S stops it after S seconds with a checkpoint (SIGTERM), and the same command with
+# SEED_FLAGS=--resume, on the same machine, continues it exactly and goes on to the comparison.
 #
 #   data/ laid out as docs/results/english/README.md (The data) says: english/, gpt2-tokenizer/,
 #   instruction-data.json, eval/{hellaswag_val.jsonl.xz,lambada_test.jsonl,wiki.test.raw}, verdict/the-verdict.txt; then
@@ -42,9 +45,12 @@ seed() {
   step pretrain seed
   # The article's recipe, the same corpus and token budget; compiled only for speed (the same arithmetic),
   # evaluated every 1,067 steps = 6.6M tokens, as the corrected run every 100 steps.
-  $L scripts/pretrain.py --config configs/seed-3090.yaml --dataset data/english --tokenizer data/gpt2-tokenizer \
+  # SIGTERM straight to the engine (not through accelerate launch, which may kill it before its checkpoint is written).
+  local launch=($L)
+  [ -n "${SEED_STOP_AFTER:-}" ] && launch=(timeout -s TERM "$SEED_STOP_AFTER" python3)
+  "${launch[@]}" scripts/pretrain.py --config configs/seed-3090.yaml --dataset data/english --tokenizer data/gpt2-tokenizer \
       --max_tokens 104857600 --compile true --eval_every 1067 --eval_batches 0 --save_every 0 \
-      --output_dir runs/seed-english
+      --output_dir runs/seed-english ${SEED_FLAGS:-}
 }
 
 # PARTS=corrected (or seed) runs one half alone, on GPU 0 of a one-GPU machine; the comparison then scores the
@@ -52,12 +58,13 @@ seed() {
 case ${PARTS:-both} in
   both) corrected > "$R/corrected.log" 2>&1 & seed > "$R/seed.log" 2>&1 & wait;;
   corrected) corrected > "$R/corrected.log" 2>&1;;
-  seed) SEED_GPU=0 seed > "$R/seed.log" 2>&1;;
+  seed) SEED_GPU=0 seed >> "$R/seed.log" 2>&1;;  # appends: a resumed run continues its log
   *) echo "PARTS must be both, corrected or seed" >&2; exit 2;;
 esac
+models=(); for m in runs/english-124m/final runs/seed-english/final; do [ -d "$m" ] && models+=("$m"); done
+[ ${#models[@]} -gt 0 ] || { echo "no final model to compare (a run stopped? continue it with --resume)" >&2; exit 1; }
 adapt > "$R/adapt.log" 2>&1 &
 step compare >> "$R/corrected.log"
-models=(); for m in runs/english-124m/final runs/seed-english/final; do [ -d "$m" ] && models+=("$m"); done
 CUDA_VISIBLE_DEVICES=0 python3 scripts/compare.py "${models[@]}" \
     --dataset data/english/validation.parquet --max_documents 1000 --hellaswag data/eval/hellaswag_val.jsonl.xz \
     --lambada data/eval/lambada_test.jsonl --wikitext data/eval/wiki.test.raw --batch_size 32 \

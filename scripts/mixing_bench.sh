@@ -80,8 +80,10 @@ for what in "${@:2}"; do  # every group's runs side by side
     *) echo "usage: $0 OUT parity|seeds|seed:N|engine:N|plain:N|plainmask:N|flex:N|muon:N|muonone:N|warmup ..." >&2; exit 2;;
   esac
 done
-wait
+wait  # a group of more than four runs can run out of an H200's memory (six did, 2026-12-03): a run that failed is named
 
+kept=(); for m in "${models[@]}"; do if [ -d "$m" ]; then kept+=("$m"); else echo "no model: $m (its log says why)"; fi; done
+models=("${kept[@]}")
 for f in "$out"/*/summary.json; do
   python -c "import json,sys; s=json.load(open(sys.argv[1])); print(sys.argv[1], 'engine val_loss', round(s['eval']['val_loss'], 4), 'wall', round(s['wall_time_s']))" "$f"
 done
