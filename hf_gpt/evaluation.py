@@ -48,7 +48,10 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int
     split = []
     for context, continuation in pairs:
         spaces = len(context) - len(context.rstrip())
-        split.append((context[:len(context) - spaces], context[len(context) - spaces:] + continuation, bool(context)))
+        # A context of only whitespace is empty once its spaces join the continuation: it gets the prefix token
+        # too (scored from no token at all, its continuation's first token would have no position to come from).
+        stripped = context[:len(context) - spaces]
+        split.append((stripped, context[len(stripped):] + continuation, bool(stripped)))
     contexts = list(dict.fromkeys(context for context, _, given in split if given))
     context_ids = dict(zip(contexts, tokenizer(contexts)["input_ids"])) if contexts else {}
     wholes = iter(tokenizer([c + k for c, k, given in split if given])["input_ids"] if contexts else [])

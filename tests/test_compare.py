@@ -107,6 +107,14 @@ def test_pairs_encoded_together_as_one_at_a_time(tokenizer):
     assert encode_pairs(tokenizer, pairs) == expected
 
 
+def test_whitespace_only_context_is_scored_as_an_empty_one(unigram_dir, tokenizer):
+    # Its spaces move to the continuation, which is then scored after the prefix token, as for "".
+    assert encode_pairs(tokenizer, [("  ", " cat")]) == encode_pairs(tokenizer, [("", "   cat")])
+    model, tok = load_model(str(unigram_dir))
+    (ll, _), (expected, _) = loglikelihood(model, tok, [("  ", "cat"), ("", "  cat")])
+    assert math.isfinite(ll) and ll == pytest.approx(expected, abs=1e-6)
+
+
 def test_uniform_model_heldout_loss_is_ln_vocab(uniform_dir, tokenizer):
     model, tok = load_model(str(uniform_dir))
     n_tokens, vocab = len(tok.encode(HELD_OUT)), len(tok)
