@@ -58,7 +58,8 @@ seed() {
 case ${PARTS:-both} in
   both) corrected > "$R/corrected.log" 2>&1 & seed > "$R/seed.log" 2>&1 & wait;;
   corrected) corrected > "$R/corrected.log" 2>&1;;
-  seed) SEED_GPU=0 seed >> "$R/seed.log" 2>&1;;  # appends: a resumed run continues its log
+  seed) SEED_GPU=0 seed >> "$R/seed.log" 2>&1 ||  # appends: a resumed run continues its log
+    { echo "the seed run did not finish (stopped? continue it with SEED_FLAGS=--resume): $R/seed.log" >&2; exit 1; };;
   *) echo "PARTS must be both, corrected or seed" >&2; exit 2;;
 esac
 models=(); for m in runs/english-124m/final runs/seed-english/final; do [ -d "$m" ] && models+=("$m"); done
