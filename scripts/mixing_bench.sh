@@ -13,6 +13,7 @@
 #                                                           # the engine's two runs with seeds 2 and 3, a flag changed
 #   bash scripts/mixing_bench.sh runs/mask plainmask:0 flex:2   # the plain loop with document masking of its own
 #                                                           # (seed 0); the engine's masking through flex attention
+#   bash scripts/mixing_bench.sh runs/pairs plainmask:6 masked:6 plainmask:7 masked:7   # masked pairs, four at a time
 #   bash scripts/mixing_bench.sh runs/muon muon:2 engine:2    # Muon (english-124m.yaml's settings) beside its
 #                                                           # AdamW yardstick, the same seed; muonone:N: QKV as one
 #
@@ -59,6 +60,10 @@ for what in "${@:2}"; do  # every group's runs side by side
       python scripts/plain_loop.py data/english data/gpt2-tokenizer --steps 400 --warmup_steps 80 --seed "$n" \
         --document_masking --output_dir "$out/plain-masking-seed$n" > "$out/plain-masking-seed$n.log" 2>&1 &
       models+=("$out/plain-masking-seed$n");;
+    masked:*)  # the engine with document masking alone (varlen), the pair of plainmask:N
+      n=${what#masked:}
+      engine "masking-on-seed$n" --warmup_steps 80 --seed "$n" &
+      models+=("$out/masking-on-seed$n/final");;
     flex:*)  # the engine's document masking through flex attention instead of varlen: the mask or the kernel?
       n=${what#flex:}
       engine "masking-flex-seed$n" --warmup_steps 80 --seed "$n" --attn_implementation flex_attention &
@@ -77,7 +82,7 @@ for what in "${@:2}"; do  # every group's runs side by side
     warmup)
       for w in 20 40 160; do engine "warmup-$w" --warmup_steps $w & done
       models+=("$out/warmup-20/final" "$out/warmup-40/final" "$out/warmup-160/final");;
-    *) echo "usage: $0 OUT parity|seeds|seed:N|engine:N|plain:N|plainmask:N|flex:N|muon:N|muonone:N|warmup ..." >&2; exit 2;;
+    *) echo "usage: $0 OUT parity|seeds|seed:N|engine:N|plain:N|plainmask:N|masked:N|flex:N|muon:N|muonone:N|warmup ..." >&2; exit 2;;
   esac
 done
 wait  # a group of more than four runs can run out of an H200's memory (six did, 2026-12-03): a run that failed is named
