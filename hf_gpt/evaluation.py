@@ -51,14 +51,14 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int
         # A context of only whitespace is empty once its spaces join the continuation: it gets the prefix token
         # too (scored from no token at all, its continuation's first token would have no position to come from).
         stripped = context[:len(context) - spaces]
-        split.append((stripped, context[len(stripped):] + continuation, bool(stripped)))
-    contexts = list(dict.fromkeys(context for context, _, given in split if given))
+        split.append((stripped, context[len(stripped):] + continuation))
+    contexts = list(dict.fromkeys(context for context, _ in split if context))
     context_ids = dict(zip(contexts, tokenizer(contexts)["input_ids"])) if contexts else {}
-    wholes = iter(tokenizer([c + k for c, k, given in split if given])["input_ids"] if contexts else [])
+    wholes = iter(tokenizer([c + k for c, k in split if c])["input_ids"] if contexts else [])
     prefix = prefix_token_id(tokenizer)
     encoded = []
-    for context, continuation, given in split:
-        if given:
+    for context, continuation in split:
+        if context:
             ctx = context_ids[context]
             encoded.append((ctx, next(wholes)[len(ctx):]))
         else:

@@ -149,10 +149,11 @@ def orthogonalise(updates: list[torch.Tensor]) -> torch.Tensor:
     Newton-Schulz work divided among the processes, not repeated by each. On one H200, Muon's 65,536-token step of
     GPT-2 124M is 5.6% slower than AdamW's (459k against 485k tokens/s, docs/results/time-to-quality.md);
     gpt2-small.yaml's 2^19 tokens on eight GPUs are 65,536 a GPU, so whatever of that is repeated on each process
-    stays that share of the step there, and eight near 7.6x one would be out of reach. Keller Jordan's Muon and modded-nanogpt give rank r the matrices r::world and all-gather the updated
-    weights; here the bf16 updates are gathered (half the bytes) and every process keeps the whole momentum, so a
-    checkpoint is the same on any number of processes. Exact: a share is orthogonalised as it would be in the
-    whole stack (tested, two processes on a CPU)."""
+    stays that share of the step there, and eight near 7.6x one would be out of reach. Keller Jordan's Muon and
+    modded-nanogpt give rank r the matrices r::world and all-gather the updated weights; here the bf16 updates are
+    gathered (half the bytes) and every process keeps the whole momentum, so a checkpoint is the same on any number
+    of processes. Exact: a share is orthogonalised as it would be in the whole stack (tested, two processes on a
+    CPU)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     processes = torch.distributed.get_world_size() if distributed else 1
     if processes == 1:
