@@ -14,6 +14,8 @@
 #   bash scripts/mixing_bench.sh runs/mask plainmask:0 flex:2   # the plain loop with document masking of its own
 #                                                           # (seed 0); the engine's masking through flex attention
 #   bash scripts/mixing_bench.sh runs/pairs plainmask:6 masked:6 plainmask:7 masked:7   # masked pairs, four at a time
+#   ENGINE_FLAGS='--shuffle_rows 32768' bash scripts/mixing_bench.sh runs/b masked:4 masked:5 masked:6 masked:7
+#                                                           # masked engine runs drawing from the whole corpus
 #   bash scripts/mixing_bench.sh runs/muon muon:2 engine:2    # Muon (english-124m.yaml's settings) beside its
 #                                                           # AdamW yardstick, the same seed; muonone:N: QKV as one
 #
