@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Time to a target validation loss on one GPU, one recipe after another (each alone: its training seconds are its
 # own): the article's recipe (configs/seed-3090.yaml on the English corpus), the best AdamW recipe
-# (configs/english-124m-adamw.yaml) and the best Muon recipe (configs/english-124m.yaml on a 400-step schedule), each
+# (configs/english-124m-adamw.yaml) and the best Muon recipe (configs/english-124m.yaml, 2^15 tokens a step), each
 # stopped at the first evaluation at or under TARGET (stop_at_val_loss). The article's recipe reaches 4.33 only after
 # 42.7M tokens (over three minutes at its speed), so by default it runs SEED_TOKENS and its time is its tokens to
 # target (from a run to the target, SEED_CURVE) over the tokens/s measured here; its curve is drawn from that run at
@@ -10,9 +10,9 @@
 #   bash scripts/time_to_quality.sh runs/ttq
 #   TARGET=4.0 MUON_FLAGS='--max_tokens 52428800' bash scripts/time_to_quality.sh runs/ttq-4.0
 #   RECIPES=muon MUON_FLAGS='--read_ahead 96' bash scripts/time_to_quality.sh runs/ttq-muon   # some of them only
-# On several GPUs: the same recipe, launched on each (its 65,536 tokens a step split among them: 8 rows a GPU on eight)
+# On several GPUs: the same recipe, launched on each (its 32,768 tokens a step split among them: 4 rows a GPU on eight)
 #   LAUNCH='accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8' RECIPES=muon \
-#     MUON_FLAGS='--micro_batch_size 8' bash scripts/time_to_quality.sh runs/ttq-8
+#     MUON_FLAGS='--micro_batch_size 4' bash scripts/time_to_quality.sh runs/ttq-8
 set -uo pipefail
 out=${1:-runs/ttq}
 target=${TARGET:-4.33}
@@ -27,7 +27,8 @@ wanted() { [[ " $recipes " == *" $1 "* ]]; }
 wanted seed && recipe seed --config configs/seed-3090.yaml --dataset data/english \
   --tokenizer data/gpt2-tokenizer --compile true --max_tokens "${SEED_TOKENS:-13107200}" --eval_every 534 \
   --eval_batches 0 ${SEED_FLAGS:-}
-wanted muon && recipe muon --config configs/english-124m.yaml --max_tokens 26214400 \
+# Muon in steps of 2^15 tokens on a 512-step schedule ending near where it crosses 4.33 (time-to-quality.md).
+wanted muon && recipe muon --config configs/english-124m.yaml --tokens_per_step 32768 --max_tokens 16777216 \
   --eval_every 25 ${MUON_FLAGS:-}
 wanted adamw && recipe adamw --config configs/english-124m-adamw.yaml --eval_every 25 ${ADAMW_FLAGS:-}
 for name in $recipes; do
