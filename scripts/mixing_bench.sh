@@ -16,6 +16,8 @@
 #   bash scripts/mixing_bench.sh runs/pairs plainmask:6 masked:6 plainmask:7 masked:7   # masked pairs, four at a time
 #   ENGINE_FLAGS='--shuffle_rows 32768' bash scripts/mixing_bench.sh runs/b masked:4 masked:5 masked:6 masked:7
 #                                                           # masked engine runs drawing from the whole corpus
+#   bash scripts/mixing_bench.sh runs/k sdpamask:4 sdpamask:5 sdpamask:6 sdpamask:7   # the engine's mask, dense,
+#                                                           # through the plain loop's kernel (sdpa)
 #   bash scripts/mixing_bench.sh runs/muon muon:2 engine:2    # Muon (english-124m.yaml's settings) beside its
 #                                                           # AdamW yardstick, the same seed; muonone:N: QKV as one
 #
@@ -66,6 +68,10 @@ for what in "${@:2}"; do  # every group's runs side by side
       n=${what#masked:}
       engine "masking-on-seed$n" --warmup_steps 80 --seed "$n" &
       models+=("$out/masking-on-seed$n/final");;
+    sdpamask:*)  # the engine's document masking as a dense mask through sdpa, as the plain loop's own mask goes
+      n=${what#sdpamask:}
+      engine "masking-sdpa-seed$n" --warmup_steps 80 --seed "$n" --attn_implementation sdpa &
+      models+=("$out/masking-sdpa-seed$n/final");;
     flex:*)  # the engine's document masking through flex attention instead of varlen: the mask or the kernel?
       n=${what#flex:}
       engine "masking-flex-seed$n" --warmup_steps 80 --seed "$n" --attn_implementation flex_attention &
@@ -84,7 +90,7 @@ for what in "${@:2}"; do  # every group's runs side by side
     warmup)
       for w in 20 40 160; do engine "warmup-$w" --warmup_steps $w & done
       models+=("$out/warmup-20/final" "$out/warmup-40/final" "$out/warmup-160/final");;
-    *) echo "usage: $0 OUT parity|seeds|seed:N|engine:N|plain:N|plainmask:N|masked:N|flex:N|muon:N|muonone:N|warmup ..." >&2; exit 2;;
+    *) echo "usage: $0 OUT parity|seeds|seed:N|engine:N|plain:N|plainmask:N|masked:N|sdpamask:N|flex:N|muon:N|muonone:N|warmup ..." >&2; exit 2;;
   esac
 done
 wait  # a group of more than four runs can run out of an H200's memory (six did, 2026-12-03): a run that failed is named
