@@ -1,0 +1,108 @@
+"""How far each attention path's bf16 gradients are from float32's, on one packed batch of real rows.
+
+The engine with document masking trained to a validation loss 0.04 worse through varlen or flex attention than
+through sdpa with a dense mask (docs/results/mixing.md, the ninth sitting), though all three compute the same
+function (tests/test_model.py, float32). This puts a number on each path's arithmetic: one GPT-2 (the config's
+shape, fresh weights), one batch of the engine's own rows (the config's data, masking on), the loss and the
+gradient of every weight in float32 through sdpa's math kernel (the reference), then again under bf16 autocast
+through each path, as the engine trains (or with the weights of a trained model: --model, where a run's
+numbers are no longer those of its first step). Prints, a path a line, the loss's difference and the gradient's
+relative error ||g - g_ref|| / ||g_ref|| (all weights, and the worst single tensor); "causal, no documents" is
+the unmasked run's kernel beside its own float32 reference, the size of an error that trains at parity.
+
+    python scripts/attention_grads.py --config configs/english-124m-adamw.yaml --rows 8
+    python scripts/attention_grads.py --config configs/english-124m-adamw.yaml --rows 8 --compile
+    python scripts/attention_grads.py --config configs/english-124m-adamw.yaml --rows 8 --model runs/k/masking-on-seed4/final
+
+On a CPU only sdpa and varlen run (varlen through its sdpa fallback; flex has no backward there).
+"""
+
+import argparse
+import copy
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
+
+import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from hf_gpt.config import PretrainConfig, load_config  # noqa: E402
+from hf_gpt.data import PretrainData  # noqa: E402
+from hf_gpt.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from hf_gpt.model import build_model, document_mask_inputs, qkv_attention  # noqa: E402
+
+
+def gradients(model, inputs: dict, bf16: bool, compile_: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss and every weight's gradient (float32) of one forward and backward."""
+    model.zero_grad(set_to_none=True)
+    forward = torch.compile(model) if compile_ else model
+    with torch.autocast(inputs["input_ids"].device.type, torch.bfloat16, enabled=bf16):
+        loss = forward(**inputs, use_cache=False).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def error(grads: dict, reference: dict) -> tuple[float, float, str]:
+    """Relative error of all gradients together, and of the worst tensor (with its name)."""
+    diff = sum(((grads[n] - g) ** 2).sum() for n, g in reference.items()) ** 0.5
+    total = sum((g ** 2).sum() for g in reference.values()) ** 0.5
+    worst = max(reference, key=lambda n: ((grads[n] - reference[n]).norm() / reference[n].norm().clamp(min=1e-30)).item())
+    return (diff / total).item(), ((grads[worst] - reference[worst]).norm() / reference[worst].norm()).item(), worst
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/english-124m-adamw.yaml")
+    parser.add_argument("--rows", type=int, default=8, help="Rows of block_size tokens in the batch.")
+    parser.add_argument("--skip", type=int, default=0, help="Micro-batches of the stream to pass over first.")
+    parser.add_argument("--compile", action="store_true", help="Each bf16 path through torch.compile, as the engine runs.")
+    parser.add_argument("--model", default="", help="A trained model's folder (Hub format): its weights, not fresh ones.")
+    args = parser.parse_args()
+    cfg = load_config(PretrainConfig, ["--config", args.config, "--document_masking", "true",
+                                       "--micro_batch_size", str(args.rows)])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference in float32 proper
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    batch = next(itertools.islice(PretrainData(cfg, tokenizer).train_batches(0, 1), args.skip, None))
+    torch.manual_seed(cfg.seed)
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # the runs compared trained without
+    model = (load_causal_lm(args.model, **no_dropout).train() if args.model
+             else build_model(cfg, len(tokenizer), tokenizer.eos_token_id)).to(device)
+    model.loss_type = "ForCausalLM"
+    ids, labels, positions = (batch[k].to(device) for k in ("input_ids", "labels", "position_ids"))
+    base = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    documents = int((positions == 0).sum())
+    print(f"{args.rows} rows x {ids.shape[1]} tokens, {documents} documents (row starts counted), {device}")
+
+    with sdpa_kernel(SDPBackend.MATH):
+        ref_loss, reference = gradients(model, {**base, **document_mask_inputs(positions, "sdpa")}, False, False)
+        causal_loss, causal_reference = gradients(model, {"input_ids": ids, "labels": labels}, False, False)
+
+    paths = {"sdpa, dense mask": (model, document_mask_inputs(positions, "sdpa"))}
+    varlen = copy.deepcopy(model)
+    qkv_attention(varlen)  # the engine's varlen path (QKVAttention), the same weights
+    paths["varlen"] = (varlen, document_mask_inputs(positions.cpu(), "varlen", device))
+    if device.type == "cuda":
+        paths["flex"] = (model, document_mask_inputs(positions, "flex_attention"))
+    rows = []
+    for name, (net, extra) in paths.items():
+        loss, grads = gradients(net, {**base, **extra}, True, args.compile)
+        rows.append((name, loss - ref_loss, *error(grads, reference)))
+    loss, grads = gradients(model, {"input_ids": ids, "labels": labels}, True, args.compile)
+    rows.append(("causal, no documents (its own reference)", loss - causal_loss, *error(grads, causal_reference)))
+
+    print(f"float32 reference loss {ref_loss:.5f} (masked), {causal_loss:.5f} (causal)")
+    print(f"{'path':44} {'Δ loss':>10} {'grad rel. err':>14} {'worst tensor':>13}  name")
+    for name, dloss, total, worst, worst_name in rows:
+        print(f"{name:44} {dloss:+10.5f} {total:14.5f} {worst:13.5f}  {worst_name}")
+    print(json.dumps({"rows": args.rows, "compile": args.compile, "device": torch.cuda.get_device_name() if
+                      device.type == "cuda" else "cpu", "torch": torch.__version__,
+                      "paths": {r[0]: {"d_loss": r[1], "grad_rel_err": r[2], "worst": r[3], "worst_name": r[4]}
+                                for r in rows}}))
+
+
+if __name__ == "__main__":
+    main()
