@@ -49,8 +49,9 @@ def error(grads: dict, reference: dict) -> tuple[float, float, str]:
     """Relative error of all gradients together, and of the worst tensor (with its name)."""
     diff = sum(((grads[n] - g) ** 2).sum() for n, g in reference.items()) ** 0.5
     total = sum((g ** 2).sum() for g in reference.values()) ** 0.5
-    worst = max(reference, key=lambda n: ((grads[n] - reference[n]).norm() / reference[n].norm().clamp(min=1e-30)).item())
-    return (diff / total).item(), ((grads[worst] - reference[worst]).norm() / reference[worst].norm()).item(), worst
+    each = {n: ((grads[n] - g).norm() / g.norm().clamp(min=1e-30)).item() for n, g in reference.items()}
+    worst = max(each, key=each.get)
+    return (diff / total).item(), each[worst], worst
 
 
 def main():
