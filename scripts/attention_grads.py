@@ -32,7 +32,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from hf_gpt.config import PretrainConfig, load_config  # noqa: E402
 from hf_gpt.data import PretrainData  # noqa: E402
 from hf_gpt.loading import load_causal_lm, load_tokenizer  # noqa: E402
-from hf_gpt.model import build_model, document_mask_inputs, qkv_attention  # noqa: E402
+from hf_gpt.engine import model_inputs  # noqa: E402
+from hf_gpt.model import build_model, qkv_attention  # noqa: E402
 
 
 def gradients(model, inputs: dict, bf16: bool, compile_: bool) -> tuple[float, dict[str, torch.Tensor]]:
@@ -73,26 +74,27 @@ def main():
     model = (load_causal_lm(args.model, **no_dropout).train() if args.model
              else build_model(cfg, len(tokenizer), tokenizer.eos_token_id)).to(device)
     model.loss_type = "ForCausalLM"
-    ids, labels, positions = (batch[k].to(device) for k in ("input_ids", "labels", "position_ids"))
-    base = {"input_ids": ids, "labels": labels, "position_ids": positions}
-    documents = int((positions == 0).sum())
-    print(f"{args.rows} rows x {ids.shape[1]} tokens, {documents} documents (row starts counted), {device}")
+    kinds = ("sdpa", "varlen", "flex_attention") if device.type == "cuda" else ("sdpa", "varlen")
+    inputs = {kind: model_inputs(batch, device, kind) for kind in kinds}  # what the engine feeds each path
+    causal = model_inputs({k: batch[k] for k in ("input_ids", "labels")}, device, "sdpa")  # no documents
+    ids = batch["input_ids"]
+    print(f"{ids.shape[0]} rows x {ids.shape[1]} tokens, {int((batch['position_ids'] == 0).sum())} documents "
+          f"(row starts counted), {device}")
 
     with sdpa_kernel(SDPBackend.MATH):
-        ref_loss, reference = gradients(model, {**base, **document_mask_inputs(positions, "sdpa")}, False, False)
-        causal_loss, causal_reference = gradients(model, {"input_ids": ids, "labels": labels}, False, False)
+        ref_loss, reference = gradients(model, inputs["sdpa"], False, False)
+        causal_loss, causal_reference = gradients(model, causal, False, False)
 
-    paths = {"sdpa, dense mask": (model, document_mask_inputs(positions, "sdpa"))}
     varlen = copy.deepcopy(model)
     qkv_attention(varlen)  # the engine's varlen path (QKVAttention), the same weights
-    paths["varlen"] = (varlen, document_mask_inputs(positions.cpu(), "varlen", device))
-    if device.type == "cuda":
-        paths["flex"] = (model, document_mask_inputs(positions, "flex_attention"))
+    paths = {"sdpa, dense mask": (model, inputs["sdpa"]), "varlen": (varlen, inputs["varlen"])}
+    if "flex_attention" in inputs:
+        paths["flex"] = (model, inputs["flex_attention"])
     rows = []
-    for name, (net, extra) in paths.items():
-        loss, grads = gradients(net, {**base, **extra}, True, args.compile)
+    for name, (net, path_inputs) in paths.items():
+        loss, grads = gradients(net, path_inputs, True, args.compile)
         rows.append((name, loss - ref_loss, *error(grads, reference)))
-    loss, grads = gradients(model, {"input_ids": ids, "labels": labels}, True, args.compile)
+    loss, grads = gradients(model, causal, True, args.compile)
     rows.append(("causal, no documents (its own reference)", loss - causal_loss, *error(grads, causal_reference)))
 
     print(f"float32 reference loss {ref_loss:.5f} (masked), {causal_loss:.5f} (causal)")
