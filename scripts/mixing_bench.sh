@@ -16,8 +16,8 @@
 #   bash scripts/mixing_bench.sh runs/pairs plainmask:6 masked:6 plainmask:7 masked:7   # masked pairs, four at a time
 #   ENGINE_FLAGS='--shuffle_rows 32768' bash scripts/mixing_bench.sh runs/b masked:4 masked:5 masked:6 masked:7
 #                                                           # masked engine runs drawing from the whole corpus
-#   bash scripts/mixing_bench.sh runs/k sdpamask:4 sdpamask:5 sdpamask:6 sdpamask:7   # the engine's mask, dense,
-#                                                           # through the plain loop's kernel (sdpa)
+#   bash scripts/mixing_bench.sh runs/k plainmask:6 sdpamask:6 plainmask:7 sdpamask:7   # masked parity in one call:
+#                                                           # the engine's mask, dense, through the plain loop's kernel (sdpa)
 #   bash scripts/mixing_bench.sh runs/muon muon:2 engine:2    # Muon (english-124m.yaml's settings) beside its
 #                                                           # AdamW yardstick, the same seed; muonone:N: QKV as one
 #
@@ -97,7 +97,8 @@ wait  # a group of more than four runs can run out of an H200's memory (six did,
 
 kept=(); for m in "${models[@]}"; do if [ -d "$m" ]; then kept+=("$m"); else echo "no model: $m (its log says why)"; fi; done
 models=("${kept[@]}")
-for f in "$out"/*/summary.json; do
+for f in "$out"/*/summary.json; do  # engine runs only: a group of plain loops alone has none
+  [ -e "$f" ] || continue
   python -c "import json,sys; s=json.load(open(sys.argv[1])); print(sys.argv[1], 'engine val_loss', round(s['eval']['val_loss'], 4), 'wall', round(s['wall_time_s']))" "$f"
 done
 grep -h '"run": "plain_loop"' "$out"/plain*.log 2>/dev/null || true
