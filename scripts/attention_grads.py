@@ -72,9 +72,9 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference in float32 proper
     tokenizer = load_tokenizer(cfg.tokenizer)
     scanned = list(itertools.islice(PretrainData(cfg, tokenizer).train_batches(0, 1), args.scan))
-    rows = {k: torch.cat([b[k] for b in scanned]) for k in scanned[0]}
-    most = (rows["position_ids"] == 0).sum(1).argsort(descending=True)[:args.rows].sort().values
-    batch = {k: v[most] for k, v in rows.items()}
+    pool = {k: torch.cat([b[k] for b in scanned]) for k in scanned[0]}
+    most = (pool["position_ids"] == 0).sum(1).argsort(descending=True)[:args.rows].sort().values
+    batch = {k: v[most] for k, v in pool.items()}
     torch.manual_seed(cfg.seed)
     no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # the runs compared trained without
     model = (load_causal_lm(args.model, **no_dropout).train() if args.model
